@@ -1,0 +1,30 @@
+# The two set-up commands of the README. Each makes the venv on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= runs/demo
+
+.PHONY: demo test test-all install clean
+
+$(BIN)/gptstack: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: the local CPU wheel, not the registry's CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/gptstack
+
+install: $(BIN)/gptstack
+
+demo: install
+	$(BIN)/gptstack pipeline --preset tiny --out $(RUN)
+	$(BIN)/gptstack sample --model $(RUN)/pretrain --prompt "def " --max-new-tokens 120
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ''
+
+clean:
+	rm -rf $(VENV) *.egg-info

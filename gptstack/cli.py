@@ -1,0 +1,234 @@
+"""`gptstack <verb>`: argument parsing and dispatch only."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import GptstackError
+
+EPILOG = """config: --preset NAME, then --config FILE.yaml (repeatable), then key=value overrides,
+e.g. `pretrain.lr=3e-4 model.n_layer=6`. `gptstack presets` lists the presets."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config merged over the preset")
+    p.add_argument("--data", action="append", default=[], metavar="SPEC",
+                   help="a data source, PATH[@WEIGHT]: stdlib, a file, folder, glob, .jsonl, .parquet, hf:NAME[:split] "
+                        "or a saved dataset folder; repeat for a weighted mixture (replaces the preset's sources)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def _resolve(args):
+    from . import config
+    overrides = list(args.overrides)
+    cfg = config.resolve(args.preset, args.config, overrides)
+    if args.data:
+        cfg.data.sources = [_parse_source(s) for s in args.data]
+        config.validate(cfg)
+    return cfg
+
+
+def _parse_source(spec: str):
+    from .config import SourceConfig
+    path, weight = spec, 1.0
+    if "@" in spec:
+        path, _, w = spec.rpartition("@")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise GptstackError(f"--data '{spec}': weight '{w}' is not a number") from None
+    return SourceConfig(path=path, weight=weight)
+
+
+# ---------------------------------------------------------------- verbs
+
+def cmd_pipeline(args):
+    from .pipeline import STAGES, run_pipeline
+    cfg = _resolve(args)
+    stages = args.stages.split(",") if args.stages else STAGES
+    report = run_pipeline(cfg, Path(args.out), stages)
+    if report:
+        print(f"report: {Path(args.out) / 'report.md'}")
+        p = report.get("pretrain", {})
+        if "val_loss" in p:
+            print(f"val loss {p['val_loss']:.3f} (unigram floor {p['unigram_val_loss']:.3f}), "
+                  f"{p.get('val_bpb', 0):.3f} bits/byte")
+
+
+def cmd_pretrain(args):
+    from .pipeline import run_pipeline
+    cfg = _resolve(args)
+    out = Path(args.out)
+    if args.tokenizer:
+        from .tokenizer import Tokenizer
+        out.mkdir(parents=True, exist_ok=True)
+        Tokenizer.load(args.tokenizer).save(out / "tokenizer.json")
+    run_pipeline(cfg, out, ["tokenizer", "pretrain"])
+    print(f"model: {out / 'pretrain' / 'model.safetensors'}")
+
+
+def cmd_sample(args):
+    import torch
+    from .checkpoint import find_tokenizer, load_model
+    from .generate import generate
+    from .tokenizer import Tokenizer
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, device)
+    tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
+    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
+    gens = generate(model, [prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                    stop_ids=(tok.eot,), pad_id=tok.pad, seed=args.seed)
+    for i, g in enumerate(gens):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tok.decode(g.tokens, skip_special=True))
+
+
+def cmd_eval(args):
+    from . import config
+    from .checkpoint import find_tokenizer, load_model
+    from .data.loader import build_sampler
+    from .evals.lm import lm_metrics
+    from .tokenizer import Tokenizer
+    import torch
+    model_dir = Path(args.model)
+    run_cfg = model_dir.parent / "config.yaml"
+    cfg = config.load(run_cfg) if run_cfg.is_file() and not args.data else config.resolve("tiny")
+    if args.data:
+        cfg.data.sources = [_parse_source(s) for s in args.data]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(model_dir, device)
+    tok = Tokenizer.load(args.tokenizer or find_tokenizer(model_dir))
+    sampler = build_sampler(cfg.data, tok, model.cfg.n_ctx, seed=0)
+    print(json.dumps(lm_metrics(model, sampler, tok.vocab_size), indent=1))
+
+
+def cmd_tokenizer(args):
+    from .tokenizer import Tokenizer
+    if args.action == "train":
+        from .config import DataConfig, TokenizerConfig, RunConfig
+        from .pipeline import train_tokenizer
+        out = Path(args.out)
+        cfg = RunConfig(tokenizer=TokenizerConfig(vocab_size=args.vocab_size, train_bytes=args.train_bytes),
+                        data=DataConfig(sources=[_parse_source(s) for s in (args.data or ["stdlib"])]))
+        res = train_tokenizer(cfg, out.parent if out.name == "tokenizer.json" else out)
+        print(json.dumps(res["tokenizer"], indent=1))
+        return
+    tok = Tokenizer.load(args.tokenizer)
+    if args.action == "encode":
+        text = args.text if args.text is not None else sys.stdin.read()
+        print(" ".join(map(str, tok.encode(text))))
+    elif args.action == "decode":
+        ids = args.ids or sys.stdin.read().split()
+        try:
+            print(tok.decode([int(i) for i in ids]), end="")
+        except ValueError:
+            raise GptstackError("decode takes integer token ids") from None
+    else:
+        print(json.dumps({"vocab_size": tok.vocab_size, "special_tokens": tok.special, "fingerprint": tok.fingerprint()}, indent=1))
+
+
+def cmd_presets(args):
+    from .config import list_presets, resolve
+    from .model import GPT
+    import torch
+    print(f"{'preset':<14}{'layers':>7}{'d_model':>8}{'heads':>6}{'ctx':>6}{'vocab':>7}{'norm':>6}{'params':>10}")
+    for name in list_presets():
+        cfg = resolve(name)
+        m = cfg.model
+        with torch.device("meta"):
+            n = GPT(m).num_params()
+        print(f"{name:<14}{m.n_layer:>7}{m.n_embd:>8}{m.n_head:>6}{m.n_ctx:>6}{m.vocab_size:>7}{m.norm_position:>6}{_human(n):>10}")
+
+
+def _human(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptstack", description="The GPT-series recipe as one small PyTorch stack.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("pipeline", help="run all stages into one run folder, then write report.md / report.json",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the run folder, e.g. runs/demo")
+    p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval (finished ones are skipped)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("pretrain", help="next-token pretraining (GPT-1 L1) into RUN/pretrain; resumes if interrupted",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the run folder (a tokenizer is trained into it if none is there)")
+    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("sample", help="generate text from a model")
+    p.add_argument("--model", required=True, help="RUN/STAGE folder (or a model.safetensors)")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("eval", help="evaluate a model")
+    esub = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    e = esub.add_parser("lm", help="val loss, perplexity, bits per byte and the unigram floor on held-out data")
+    e.add_argument("--model", required=True, help="RUN/STAGE folder")
+    e.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
+    e.add_argument("--data", action="append", default=[], metavar="SPEC", help="data source(s) (default: the run's)")
+    e.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("tokenizer", help="train / use a byte-level BPE tokenizer")
+    tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = tsub.add_parser("train", help="train on data sources")
+    t.add_argument("--data", action="append", default=[], metavar="SPEC", help="data source(s) (default: stdlib)")
+    t.add_argument("--vocab-size", type=int, default=4096)
+    t.add_argument("--train-bytes", type=int, default=0, help="train on at most this many bytes (0: all)")
+    t.add_argument("--out", default="tokenizer.json", help="output file or folder")
+    for action, helptext in (("encode", "text -> token ids"), ("decode", "token ids -> text"), ("info", "vocabulary and special tokens")):
+        t = tsub.add_parser(action, help=helptext)
+        t.add_argument("--tokenizer", required=True, help="tokenizer.json or a run folder")
+        if action == "encode":
+            t.add_argument("text", nargs="?", help="text (default: stdin)")
+        if action == "decode":
+            t.add_argument("ids", nargs="*", help="token ids (default: stdin)")
+    p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("presets", help="list the model presets with their parameter counts")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .train.trainer import Interrupted
+    try:
+        args.func(args)
+    except Interrupted as e:
+        print(f"gptstack: {e}", file=sys.stderr)
+        return 130
+    except GptstackError as e:
+        print(f"gptstack: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("gptstack: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

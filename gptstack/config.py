@@ -1,0 +1,242 @@
+"""Configs as dataclasses; presets are YAML data in gptstack/configs/.
+
+Resolution order: preset (following `base:`) -> user YAML files -> key=value
+overrides. Every key is checked: an unknown one is an error naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import GptstackError
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_ctx: int = 256
+    vocab_size: int = 4096
+    norm_position: str = "pre"  # "post": GPT-1 (LayerNorm after each residual add); "pre": GPT-2/3
+    dropout: float = 0.0  # residual, embedding and attention dropout (GPT-1 used 0.1)
+    bias: bool = True
+    init_std: float = 0.02
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    train_bytes: int = 0  # train the BPE on at most this many bytes of the corpus (0: all)
+
+
+@dataclass
+class SourceConfig:
+    path: str = "stdlib"  # stdlib | file | folder | glob | *.jsonl | *.parquet | hf:NAME[:split] | dataset folder
+    weight: float = 1.0  # share of training sequences drawn from this source (GPT-3 Table 2.2)
+    text_field: str = "text"  # for JSONL / Parquet / HF datasets
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    val_fraction: float = 0.05  # documents go to val by a hash of their id, not by position
+    skip_bad: bool = False  # drop (and count) bad records instead of stopping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16  # sequences per optimizer step, summed over ranks and accumulation
+    micro_batch_size: int = 0  # sequences per forward on one rank (0: the whole per-rank batch)
+    seq_len: int = 0  # tokens per sequence (0: model.n_ctx)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (GPT-3: 10%)
+    warmup_steps: int = 50
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 0  # 0: only before and after training
+    eval_tokens: int = 65536  # tokens of val data per in-training eval
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    precision: str = "auto"  # auto | fp32 | bf16 | fp32-tf32 (TF32 / oneDNN-bf16 matmuls for fp32)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+
+
+@dataclass
+class RunConfig:
+    preset: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------- dict <-> dataclass
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise GptstackError(f"config {where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise GptstackError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(hints[key], value, path)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, path):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value or {}, path)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise GptstackError(f"config '{path}': expected a list, got {value!r}")
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise GptstackError(f"config '{path}': expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise GptstackError(f"config '{path}': expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads 6e-05 as a string
+            return float(value)
+        raise GptstackError(f"config '{path}': expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise GptstackError(f"config '{path}': expected a string, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- presets and overrides
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise GptstackError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise GptstackError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(data, dict):
+        raise GptstackError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def preset_dict(name: str) -> dict:
+    """The preset's raw dict, with its `base:` chain merged in."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise GptstackError(f"unknown preset '{name}' (known: {', '.join(list_presets())})")
+    data = _load_yaml(path)
+    base = data.pop("base", None)
+    merged = deep_merge(preset_dict(base), data) if base else data
+    merged["preset"] = name
+    return merged
+
+
+def deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """'pretrain.lr=3e-4' -> {'pretrain': {'lr': 0.0003}} (values parsed as YAML)."""
+    if "=" not in text:
+        raise GptstackError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve(preset: str | None = None, files: list[str] = (), overrides: list[str] = (), base: dict | None = None) -> RunConfig:
+    data = dict(base or {})
+    if preset:
+        data = deep_merge(data, preset_dict(preset))
+    for f in files:
+        data = deep_merge(data, _load_yaml(Path(f)))
+    for o in overrides:
+        data = deep_merge(data, parse_override(o))
+    data.pop("base", None)
+    cfg = from_dict(RunConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    m, t = cfg.model, cfg.pretrain
+    if m.n_embd % m.n_head:
+        raise GptstackError(f"config 'model.n_embd' ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    if m.norm_position not in ("pre", "post"):
+        raise GptstackError(f"config 'model.norm_position' must be 'pre' or 'post', got {m.norm_position!r}")
+    if t.schedule not in ("cosine", "linear", "constant"):
+        raise GptstackError(f"config 'pretrain.schedule' must be cosine, linear or constant, got {t.schedule!r}")
+    if t.precision not in ("auto", "fp32", "bf16", "fp32-tf32"):
+        raise GptstackError(f"config 'pretrain.precision' must be auto, fp32, bf16 or fp32-tf32, got {t.precision!r}")
+    if t.seq_len > m.n_ctx:
+        raise GptstackError(f"config 'pretrain.seq_len' ({t.seq_len}) exceeds model.n_ctx ({m.n_ctx})")
+    for i, s in enumerate(cfg.data.sources):
+        if s.weight <= 0:
+            raise GptstackError(f"config 'data.sources[{i}].weight' must be > 0, got {s.weight}")
+
+
+def save(cfg: RunConfig, path: Path) -> None:
+    from .io import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load(path: Path) -> RunConfig:
+    return from_dict(RunConfig, _load_yaml(Path(path)))

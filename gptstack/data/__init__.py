@@ -1,0 +1,1 @@
+"""Data: sources of documents, tokenized splits cached on disk, and the batch sampler."""

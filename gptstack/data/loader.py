@@ -1,0 +1,67 @@
+"""Batches for next-token training from a weighted mixture of tokenized sources.
+
+The batch of step s is a pure function of (seed, s): each sequence picks its
+source by the mixture weights (GPT-3 Table 2.2: weight = share of training
+examples, not of data size) and a random window in it. So the data cursor is
+just the step, resume is exact, and any split of the global batch over ranks
+and accumulation steps sees the same sequences.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import GptstackError
+from .tokens import TokenSplits
+
+
+class TokenSampler:
+    def __init__(self, splits: list[TokenSplits], weights: list[float], seq_len: int, seed: int):
+        for s in splits:
+            for name, arr in (("train", s.train), ("val", s.val)):
+                if len(arr) < seq_len + 2:
+                    raise GptstackError(
+                        f"data source '{s.source}': its {name} split has {len(arr)} tokens, fewer than "
+                        f"one sequence of {seq_len + 1}; add data or lower pretrain.seq_len")
+        self.splits = splits
+        w = np.asarray(weights, dtype=np.float64)
+        self.weights = w / w.sum()
+        self.seq_len = seq_len
+        self.seed = seed
+
+    def train_batch(self, step: int, n: int) -> dict:
+        rng = np.random.default_rng((self.seed, step))
+        which = rng.choice(len(self.splits), size=n, p=self.weights)
+        rows = []
+        for i in which:
+            arr = self.splits[i].train
+            o = int(rng.integers(0, len(arr) - self.seq_len - 1))
+            rows.append(arr[o:o + self.seq_len + 1])
+        data = torch.from_numpy(np.stack(rows).astype(np.int64))
+        return {"input": data[:, :-1], "target": data[:, 1:]}
+
+    def val_windows(self, source: int, max_tokens: int | None = None) -> torch.Tensor:
+        """Non-overlapping (n, seq_len+1) windows of a source's val split, evenly spread if capped."""
+        arr = self.splits[source].val
+        T = self.seq_len
+        starts = np.arange(0, len(arr) - T - 1, T)
+        if max_tokens and len(starts) * T > max_tokens:
+            keep = max(1, max_tokens // T)
+            starts = starts[np.linspace(0, len(starts) - 1, keep).round().astype(int)]
+        return torch.from_numpy(np.stack([arr[s:s + T + 1] for s in starts]).astype(np.int64))
+
+    def epochs(self, sequences: int) -> list[dict]:
+        """Per source: tokens, weight, and epochs seen after `sequences` training sequences."""
+        out = []
+        for s, w in zip(self.splits, self.weights):
+            seen = sequences * self.seq_len * w
+            out.append({"source": s.source, "weight": float(w), "train_tokens": int(len(s.train)),
+                        "epochs": float(seen / len(s.train))})
+        return out
+
+
+def build_sampler(data_cfg, tok, seq_len: int, seed: int) -> TokenSampler:
+    """Tokenize (or reuse the cached tokens of) every source of the mixture."""
+    from .tokens import tokenize_source
+    splits = [tokenize_source(s, tok, data_cfg.val_fraction, data_cfg.skip_bad) for s in data_cfg.sources]
+    return TokenSampler(splits, [s.weight for s in data_cfg.sources], seq_len, seed)

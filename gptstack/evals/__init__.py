@@ -1,0 +1,1 @@
+"""Evaluations: language modelling now; prompting, fine-tuning, instruction following and scaling later."""

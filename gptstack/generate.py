@@ -1,0 +1,97 @@
+"""The one generation engine: batched sampling with a KV cache.
+
+Prompts of different lengths are left-padded; each row gets its own positions
+and an attention mask that hides its padding. Returns the sampled tokens, their
+log-probabilities under the sampling distribution (logits / temperature), and
+whether a stop token ended them. Used by sampling, evals, comparisons, PPO
+rollouts, chat and serving alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .model import GPT, KVCache
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)  # new tokens, the stop token included if one was hit
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = False  # ended by a stop token (not by the length limit)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
+             seed: int | None = None) -> list[Generation]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    n_ctx = model.cfg.n_ctx
+    B, P = len(prompts), max(len(p) for p in prompts)
+    if P >= n_ctx:
+        raise ValueError(f"prompt of {P} tokens leaves no room in the context of {n_ctx}")
+    max_new_tokens = min(max_new_tokens, n_ctx - P)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else torch.seed() % 2**63)
+
+    ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, device=device)
+        valid[i, P - len(p):P] = True
+    ragged = any(len(p) != P for p in prompts)
+    positions = (valid[:, :P].long().cumsum(1) - 1).clamp(min=0)
+    mask = None
+    if ragged:  # causal and not padding; a pad query sees itself so no softmax row is empty
+        causal = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+        mask = (causal & valid[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=device)
+    cache = KVCache(model.cfg, B, P + max_new_tokens)
+    logits = model.logits(model.hidden(ids, cache=cache, positions=positions, attn_mask=mask)[:, -1]).float()
+    next_pos = positions[:, -1] + 1
+
+    out = [Generation() for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stops = torch.tensor(list(stop_ids) or [-1], device=device)
+    for t in range(max_new_tokens):
+        if temperature > 0:
+            logp = F.log_softmax(logits / temperature, dim=-1)
+            probs = filter_logits(logp, top_k, top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        else:
+            logp = F.log_softmax(logits, dim=-1)
+            tok = logits.argmax(-1)
+        tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        for i in (~done).nonzero().flatten().tolist():
+            out[i].tokens.append(int(tok[i]))
+            out[i].logprobs.append(float(tok_lp[i]))
+        done |= torch.isin(tok, stops)
+        if done.all() or t == max_new_tokens - 1:
+            break
+        tok = tok.masked_fill(done, pad_id)
+        valid[:, P + t] = True
+        step_mask = valid[:, None, None, :P + t + 1] if ragged else None
+        logits = model.logits(model.hidden(tok[:, None], cache=cache, positions=next_pos[:, None], attn_mask=step_mask)[:, -1]).float()
+        next_pos = next_pos + 1
+    for i, g in enumerate(out):
+        g.finished = bool(g.tokens) and g.tokens[-1] in stop_ids
+    model.train(was_training)
+    return out

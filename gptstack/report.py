@@ -1,0 +1,100 @@
+"""report.json (the stable figures) and report.md (the same, for people, with plots)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import deep_merge
+from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
+
+STAGE_ORDER = ["tokenizer", "pretrain", "eval"]
+
+
+def collect(run: Path) -> dict:
+    report: dict = {"run": {"name": run.name}}
+    for stage in STAGE_ORDER:
+        path = run / stage / "summary.json"
+        if path.is_file():
+            report = deep_merge(report, read_json(path))
+    return report
+
+
+def plot_loss(run: Path) -> Path | None:
+    rows = read_jsonl_loose(run / "pretrain" / "metrics.jsonl")
+    train = [r for r in rows if r.get("event") == "train"]
+    evals = [r for r in rows if r.get("event") == "eval" and "val_loss" in r]
+    if not train:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss", ms=4)
+    rep = collect(run).get("pretrain", {})
+    if "unigram_val_loss" in rep:
+        ax.axhline(rep["unigram_val_loss"], ls="--", c="gray", label="unigram floor (val)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"pretraining: {run.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = run / "plots" / "loss.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(run: Path) -> dict:
+    run = Path(run)
+    report = collect(run)
+    atomic_write_json(run / "report.json", report)
+    plot = plot_loss(run)
+    atomic_write_text(run / "report.md", render_markdown(run, report, plot))
+    return report
+
+
+def _f(x, digits=3):
+    return f"{x:,.{digits}f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
+    lines = [f"# gptstack run `{run.name}`", ""]
+    if "tokenizer" in r:
+        t = r["tokenizer"]
+        lines += ["## Tokenizer", "", f"Byte-level BPE, {t['vocab_size']:,} tokens, trained on {t['train_bytes']:,} bytes "
+                  f"in {t['seconds']:.1f} s; {t['bytes_per_token']:.2f} bytes per token on held-out text.", ""]
+    if "pretrain" in r:
+        p = r["pretrain"]
+        lines += ["## Pretraining (L1: next-token cross-entropy)", ""]
+        if "params" in p:
+            lines += [
+                "| figure | value |", "|---|---|",
+                f"| parameters | {p['params']:,} ({p['params_non_embedding']:,} without embeddings) |",
+                f"| tokens trained | {p['tokens']:,} |",
+                f"| wall time | {p['seconds']:.0f} s on {p['device']} ({p['precision']}, {p['world_size']} rank(s)) |",
+                f"| throughput | {p['tokens_per_sec']:,.0f} tokens/s, MFU {p['mfu']:.1%} of the measured matmul peak |",
+                f"| val loss at init | {p['val_loss_initial']:.3f} |", ""]
+        if "val_loss" in p:
+            lines += [
+                "| held-out metric | value |", "|---|---|",
+                f"| val loss (nats/token) | {p['val_loss']:.3f} |",
+                f"| unigram floor | {p['unigram_val_loss']:.3f} |",
+                f"| perplexity | {p['val_ppl']:.1f} |",
+                f"| bits per byte | {p['val_bpb']:.3f} |",
+                f"| val tokens | {p['val_tokens']:,} |", ""]
+        if p.get("mixture"):
+            lines += ["Data mixture (GPT-3 Table 2.2 style):", "", "| source | weight | train tokens | epochs |", "|---|---|---|---|"]
+            lines += [f"| {m['source']} | {m['weight']:.0%} | {m['train_tokens']:,} | {m['epochs']:.2f} |" for m in p["mixture"]]
+            lines.append("")
+        if plot:
+            lines += [f"![loss curve]({plot.relative_to(run).as_posix()})", ""]
+        samples = read_jsonl_loose(run / "pretrain" / "samples.jsonl")
+        if samples:
+            lines += ["### Samples (temperature 0.8, top-k 50)", ""]
+            for s in samples:
+                lines += ["```python", s["prompt"] + s["completion"], "```", ""]
+    lines += ["## report.json", "", "```json", json.dumps(r, indent=1)[:4000], "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""Byte-level BPE (HF `tokenizers`) with the special tokens every stage reserves.
+
+Text is always text: `encode` never turns a literal "<|end|>" in user data into
+the control token. Control tokens enter a sequence only by id, so data cannot
+forge a turn boundary, and encode -> decode round-trips any string exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .errors import GptstackError
+from .io import atomic_write_text
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",  # document separator (GPT-2)
+    "<|pad|>",
+    "<|start|>", "<|delim|>", "<|extract|>",  # GPT-1 input transformations
+    "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",  # chat turns
+    "<|image|>",  # GPT-4-style image placeholder
+]
+
+
+class Tokenizer:
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        self.hf.encode_special_tokens = True  # literal "<|...|>" in text stays text
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            raise GptstackError(f"tokenizer lacks the special tokens {', '.join(missing)}")
+        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
+        self.eot = self.special["<|endoftext|>"]
+        self.pad = self.special["<|pad|>"]
+
+    # ---------------------------------------------------------------- training / io
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = False) -> "Tokenizer":
+        if vocab_size < 256 + len(SPECIAL_TOKENS):
+            raise GptstackError(f"tokenizer vocab_size must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {vocab_size}")
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable
+            show_progress=show_progress,
+        )
+        hf.train_from_iterator(texts, trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise GptstackError(f"{path}: no tokenizer here (train one with `gptstack tokenizer train`)")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise GptstackError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
+
+    def save(self, path) -> None:
+        atomic_write_text(Path(path), self.hf.to_str(pretty=True))
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+    # ---------------------------------------------------------------- use
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_strings(self, ids: Iterable[int]) -> list[str]:
+        return [self.decode([i]) for i in ids]
+
+
+def iter_texts(docs) -> Iterator[str]:
+    for d in docs:
+        yield d.text

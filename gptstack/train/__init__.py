@@ -1,0 +1,1 @@
+"""Training: the one Trainer loop, and one small module per objective."""

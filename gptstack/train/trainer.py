@@ -1,0 +1,390 @@
+"""The one training loop. Every stage (pretrain, fine-tune, SFT, RM, PPO) runs through it.
+
+An objective says what a batch is and what its loss is; everything else lives
+here: device and precision, torchrun/DDP, gradient accumulation, clipping, the
+learning-rate schedule, checkpoints and exact resume, signals, NaN stops,
+metrics.jsonl and the progress bar.
+
+The objective protocol:
+    train_batch(step, n) -> dict of tensors, dim 0 = n examples (the global batch of `step`)
+    weight(micro) -> number   how much this micro-batch counts in the global mean (e.g. its tokens)
+    loss(model, micro) -> (mean loss over the micro-batch, {metric: float tensor}); may report "tokens"
+    evaluate(model) -> {metric: float}    on held-out data, model in eval mode
+    flops_per_token() -> float            for MFU (optional)
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from ..checkpoint import file_sha256, load_into, save_weights
+from ..config import TrainConfig, to_dict
+from ..errors import GptstackError
+from ..io import append_jsonl, atomic_write_bytes, atomic_write_json, read_json, read_jsonl_loose
+from ..perf import peak_flops
+
+# settings that may change between a run and its resume without changing the result
+RESUMABLE_KEYS = {"steps", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "device", "compile"}
+
+
+class Interrupted(GptstackError):
+    """SIGINT/SIGTERM: a checkpoint was saved; rerunning the command resumes."""
+
+
+# ---------------------------------------------------------------- environment
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine (GPT-3) or linear (GPT-1 fine-tuning) decay to lr·min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay)
+
+
+def slice_batch(batch: dict, start: int, end: int) -> dict:
+    return {k: v[start:end] for k, v in batch.items()}
+
+
+def _rng_b64(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _rng_from_b64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+# ---------------------------------------------------------------- the loop
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, objective, out_dir: Path,
+                 metadata: dict[str, str] | None = None, desc: str = "train"):
+        self.cfg, self.objective, self.out = cfg, objective, Path(out_dir)
+        self.metadata, self.desc = metadata or {}, desc
+        self.rank, self.world, local_rank = dist_env()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
+            dist.init_process_group(backend)
+        self.device = pick_device(cfg.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.model = model.to(self.device)  # the plain module: saved, evaluated
+        self.ckpt_dir = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._stop: str | None = None
+
+        if cfg.batch_size % self.world:
+            raise GptstackError(f"config 'batch_size' ({cfg.batch_size}) must be divisible by the {self.world} ranks")
+        self.per_rank = cfg.batch_size // self.world
+        self.micro = cfg.micro_batch_size or self.per_rank
+        if self.per_rank % self.micro:
+            raise GptstackError(f"config 'micro_batch_size' ({self.micro}) must divide the per-rank batch ({self.per_rank})")
+        self.accum = self.per_rank // self.micro
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------ optimizer
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        # weight decay on matrices only, not on biases, LayerNorm gains or embeddings' positions
+        decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in self.model.named_parameters() if p.requires_grad and p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=(self.cfg.beta1, self.cfg.beta2), eps=self.cfg.eps,
+                                 fused=self.device.type == "cuda")
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.glob("step_*") if (p / "trainer_state.json").exists())
+
+    def _save(self, step: int, optimizer, stats: dict) -> Path:
+        rng = {"torch": _rng_b64(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            rng["cuda"] = _rng_b64(torch.cuda.get_rng_state(self.device))
+        rngs = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if not self.is_main:
+            dist.barrier()
+            return self.ckpt_dir / f"step_{step:07d}"
+        final = self.ckpt_dir / f"step_{step:07d}"
+        tmp = self.ckpt_dir / f".tmp_step_{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(self.model, tmp / "model.safetensors", self.metadata)
+        buf = _torch_bytes(optimizer.state_dict())
+        atomic_write_bytes(tmp / "optim.pt", buf)
+        atomic_write_json(tmp / "trainer_state.json", {
+            "step": step, "finished": step >= self.cfg.steps, "rng": rngs,
+            "model_sha256": file_sha256(tmp / "model.safetensors"),
+            "optim_sha256": file_sha256(tmp / "optim.pt"),
+            "train_config": to_dict(self.cfg), "world_size": self.world, **stats,
+        })
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # a checkpoint exists only once complete
+        for old in self._checkpoints()[:-max(1, self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+        if self.world > 1:
+            dist.barrier()
+        return final
+
+    def _resume(self, optimizer) -> tuple[int, dict]:
+        ckpts = self._checkpoints()
+        if not ckpts:
+            return 0, {}
+        ck = ckpts[-1]
+        state = read_json(ck / "trainer_state.json")
+        for name, key in (("model.safetensors", "model_sha256"), ("optim.pt", "optim_sha256")):
+            if not (ck / name).is_file() or file_sha256(ck / name) != state.get(key):
+                raise GptstackError(f"{ck / name}: corrupt checkpoint (checksum mismatch); delete {ck} to resume from an earlier one")
+        old = {k: v for k, v in state["train_config"].items() if k not in RESUMABLE_KEYS}
+        new = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_KEYS}
+        changed = sorted(k for k in new if old.get(k) != new[k])
+        if changed:
+            raise GptstackError(f"{self.out}: cannot resume, config changed since the checkpoint: "
+                                + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed)
+                                + f" (use a new output folder, or delete {self.ckpt_dir})")
+        load_into(self.model, ck / "model.safetensors")
+        try:
+            optimizer.load_state_dict(torch.load(ck / "optim.pt", map_location=self.device, weights_only=True))
+        except Exception as e:
+            raise GptstackError(f"{ck / 'optim.pt'}: corrupt optimizer state ({str(e).splitlines()[0]})") from None
+        rngs = state["rng"]
+        rng = rngs[self.rank] if self.rank < len(rngs) and state.get("world_size") == self.world else rngs[0]
+        torch.set_rng_state(_rng_from_b64(rng["torch"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(_rng_from_b64(rng["cuda"]), self.device)
+        # metrics written after the checkpoint belong to the lost part of the run
+        if self.is_main:
+            rows = [r for r in read_jsonl_loose(self.metrics_path) if r.get("step", 0) <= state["step"]]
+            atomic_write_bytes(self.metrics_path, "".join(_json_line(r) for r in rows).encode())
+        return state["step"], state
+
+    # ------------------------------------------------------------ signals
+
+    def _on_signal(self, signum, frame):
+        if self._stop:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self._stop = signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading_main():
+            old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        else:
+            yield
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> dict:
+        self.model.eval()
+        with torch.no_grad(), autocast(self.device, self.precision):
+            out = self.objective.evaluate(self.model)
+        self.model.train()
+        return out
+
+    # ------------------------------------------------------------ fit
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        optimizer = self._optimizer()
+        start, state = self._resume(optimizer)
+        if start == 0:
+            torch.manual_seed(cfg.seed + self.rank)
+        if start >= cfg.steps:
+            return state.get("summary", {})
+        model = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            model = torch.compile(model)
+        self.train_model = model
+
+        stats = {k: state.get(k, 0) for k in ("tokens", "train_seconds", "wall_seconds")}
+        initial = state.get("initial_eval") or (self.evaluate() if self.is_main else {})
+        if start == 0 and self.is_main:
+            append_jsonl(self.metrics_path, {"event": "eval", "step": 0, **initial})
+        fpt = getattr(self.objective, "flops_per_token", lambda: 0.0)()
+        peak = peak_flops(self.device, torch.bfloat16 if self.precision == "bf16" else torch.float32) if fpt else 0.0
+
+        model.train()
+        bar = tqdm(total=cfg.steps, initial=start, desc=self.desc, disable=not self.is_main,
+                   dynamic_ncols=True, mininterval=1.0, unit="step")
+        window_tokens, window_time = 0, 0.0
+        last = {}
+        with self._signals():
+            for step in range(start, cfg.steps):
+                t0 = time.perf_counter()
+                lr = lr_at(cfg, step)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                loss_sum, tokens, metrics = self._step(model, step)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
+                    good = self._checkpoints()
+                    raise GptstackError(
+                        f"loss became {loss_sum} at step {step + 1} (grad norm {grad_norm.item():.3g}, lr {lr:.3g}); "
+                        f"nothing was saved from this step; last good checkpoint: {good[-1] if good else 'none'}. "
+                        "Lower the learning rate or check the data.")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                done = step + 1
+                stats["tokens"] += tokens
+                stats["train_seconds"] += dt
+                stats["wall_seconds"] += dt
+                window_tokens += tokens
+                window_time += dt
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    tps = window_tokens / max(window_time, 1e-9)
+                    mfu = tps * fpt / (peak * self.world) if peak else 0.0
+                    last = {"event": "train", "step": done, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm.item(),
+                            "tokens": stats["tokens"], "tokens_per_sec": tps, "mfu": mfu, **metrics}
+                    if self.is_main:
+                        append_jsonl(self.metrics_path, last)
+                    bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
+                    window_tokens, window_time = 0, 0.0
+                bar.update(1)
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and self.is_main:
+                    t1 = time.perf_counter()
+                    append_jsonl(self.metrics_path, {"event": "eval", "step": done, **self.evaluate()})
+                    stats["wall_seconds"] += time.perf_counter() - t1
+                if self._stop or done % cfg.ckpt_every == 0 or done == cfg.steps:
+                    final = None
+                    if done == cfg.steps and self.is_main:
+                        final = self.evaluate()
+                        append_jsonl(self.metrics_path, {"event": "eval", "step": done, **final})
+                    summary = self._summary(stats, initial, final, last, fpt, peak) if final is not None else {}
+                    ck = self._save(done, optimizer, {**stats, "initial_eval": initial, "summary": summary})
+                    if self._stop:
+                        bar.close()
+                        raise Interrupted(f"stopped by {self._stop} at step {done}; checkpoint {ck} saved; "
+                                          "run the same command again to resume")
+        bar.close()
+        if self.is_main:
+            self._publish(self._checkpoints()[-1])
+        return summary
+
+    def _step(self, model, step: int) -> tuple[float, int, dict]:
+        """Forward/backward over the accumulation micro-batches of one optimizer step."""
+        batch = self.objective.train_batch(step, self.cfg.batch_size)
+        mine = slice_batch(batch, self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+        micros = [slice_batch(mine, i * self.micro, (i + 1) * self.micro) for i in range(self.accum)]
+        weights = [float(self.objective.weight(mb)) for mb in micros]
+        total = torch.tensor(sum(weights), dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(total)
+        total = total.item()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens, sums = 0, {}
+        for i, mb in enumerate(micros):
+            mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
+            sync = contextlib.nullcontext() if i == self.accum - 1 or self.world == 1 else model.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    loss, metrics = self.objective.loss(model, mb)
+                # each micro-batch counts by its weight in the global mean; DDP averages over ranks, so scale by world
+                (loss * (weights[i] / total * self.world)).backward()
+            loss_sum += loss.detach().double() * weights[i] / total
+            tokens += int(metrics.pop("tokens", 0))
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * weights[i] / total
+        if self.world > 1:
+            packed = torch.tensor([loss_sum.item(), tokens, *sums.values()], dtype=torch.float64)
+            dist.all_reduce(packed)
+            loss_sum, tokens = packed[0], int(packed[1].item())
+            sums = dict(zip(sums, packed[2:].tolist()))
+        return float(loss_sum), tokens, sums
+
+    def _summary(self, stats, initial, final, last, fpt, peak) -> dict:
+        tps = stats["tokens"] / max(stats["train_seconds"], 1e-9)
+        return {"steps": self.cfg.steps, "tokens": stats["tokens"], "seconds": stats["wall_seconds"],
+                "tokens_per_sec": tps, "mfu": tps * fpt / (peak * self.world) if peak else 0.0,
+                "final_train_loss": last.get("loss"), "initial": initial, "final": final,
+                "precision": self.precision, "device": str(self.device), "world_size": self.world}
+
+    def _publish(self, ck: Path) -> None:
+        """The stage's final files: the last checkpoint, linked (or copied) beside it."""
+        for name in ("model.safetensors", "optim.pt", "trainer_state.json"):
+            tmp = self.out / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(ck / name, tmp)
+            except OSError:
+                shutil.copyfile(ck / name, tmp)
+            os.replace(tmp, self.out / name)
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _json_line(row: dict) -> str:
+    import json
+    return json.dumps(row) + "\n"

@@ -1,0 +1,1 @@
+"""The embedded default world: data every Python install carries, built deterministically."""
