@@ -1,0 +1,36 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tiny settings for end-to-end runs: a model that trains in seconds on 2 CPU cores.
+TINY = ["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_ctx=64", "tokenizer.vocab_size=512",
+        "pretrain.batch_size=8", "pretrain.warmup_steps=5", "pretrain.log_every=5", "pretrain.eval_tokens=2048"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gptstack-cache")
+    os.environ["GPTSTACK_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """~40 real stdlib modules in a folder: small enough to tokenize in a second."""
+    from gptstack.world.corpus import stdlib_files
+    out = tmp_path_factory.mktemp("corpus")
+    picked = [p for p in stdlib_files() if 4_000 < p.stat().st_size < 25_000][:40]
+    for i, p in enumerate(picked):
+        shutil.copy(p, out / f"{i:02d}_{p.name}")
+    return out
+
+
+def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptstack", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})

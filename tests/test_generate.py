@@ -1,0 +1,70 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptstack.config import ModelConfig
+from gptstack.generate import filter_logits, generate
+from gptstack.model import GPT
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(ModelConfig(n_layer=2, n_embd=32, n_head=4, n_ctx=48, vocab_size=50)).eval()
+
+
+def greedy_uncached(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_greedy_with_cache_equals_uncached(model):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    (g,) = generate(model, [prompt], 20, temperature=0)
+    assert g.tokens == greedy_uncached(model, prompt, 20)
+
+
+def test_ragged_batch_equals_one_by_one(model):
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [5]]
+    batched = generate(model, prompts, 12, temperature=0)
+    for p, g in zip(prompts, batched):
+        (alone,) = generate(model, [p], 12, temperature=0)
+        assert g.tokens == alone.tokens
+        assert g.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+
+
+def test_logprobs_equal_teacher_forced(model):
+    prompts = [[1, 2, 3, 4], [9, 8]]
+    gens = generate(model, prompts, 10, temperature=1.0, seed=0)
+    for p, g in zip(prompts, gens):
+        seq = torch.tensor([p + g.tokens])
+        logp = F.log_softmax(model(seq)[0][0, :-1], -1)
+        ref = logp[len(p) - 1:].gather(1, seq[0, len(p):, None]).squeeze(1)
+        assert g.logprobs == pytest.approx(ref.tolist(), abs=1e-4)
+
+
+def test_stop_tokens_end_rows_independently(model):
+    (free,) = generate(model, [[1, 2]], 10, temperature=0)
+    stop = free.tokens[3]
+    (g,) = generate(model, [[1, 2]], 10, temperature=0, stop_ids=(stop,))
+    assert g.finished and g.tokens == free.tokens[:free.tokens.index(stop) + 1]
+    assert not free.finished
+
+
+def test_sampling_is_seeded_and_respects_top_k(model):
+    a = generate(model, [[1]] * 4, 15, temperature=1.0, seed=7)
+    b = generate(model, [[1]] * 4, 15, temperature=1.0, seed=7)
+    assert [g.tokens for g in a] == [g.tokens for g in b]
+    assert len({tuple(g.tokens) for g in a}) > 1
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+    assert torch.isinf(filter_logits(logits, top_k=2)[0, :2]).all()
+    kept = filter_logits(logits, top_p=0.7)[0]
+    assert torch.isfinite(kept).tolist() == [False, False, True, True]
+
+
+def test_generation_stops_at_the_context(model):
+    (g,) = generate(model, [[1] * 40], 100, temperature=0)
+    assert len(g.tokens) == 8
