@@ -13,8 +13,8 @@ from .errors import GptstackError
 from .io import atomic_write_bytes
 
 
-def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write_bytes(Path(path), st_save(state, metadata=metadata or {}))
 
 
@@ -78,6 +78,17 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """A file's sha256, or a folder's: over its files' relative names and contents."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

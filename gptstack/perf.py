@@ -16,17 +16,24 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}-{torch.get_num_threads()}threads"
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 0, seconds: float = 0.5) -> float:
-    """FLOP/s of a square matmul, best of a few timed runs after warm-up."""
+def matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype a Trainer precision's matmuls take (fp32-tf32 is fp32 under a faster matmul mode)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 0, seconds: float = 1.0) -> float:
+    """FLOP/s of a square matmul, best of the timed runs after warm-up (the best, since other
+    processes on the machine only ever slow a run down)."""
     n = n or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # not the global RNG: training's dropout draws from it
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for _ in range(2):
+    for _ in range(3):
         a @ b
     sync()
     best, spent = float("inf"), 0.0
@@ -40,7 +47,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 0, s
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
-    key = f"{device_name(device)}|{dtype}|torch{torch.__version__}"
+    """The peak for `dtype` under the process's current fp32 matmul mode (TF32 or not, see
+    train.trainer.use_matmul_precision)."""
+    mode = torch.get_float32_matmul_precision() if dtype == torch.float32 else ""
+    key = f"{device_name(device)}|{dtype}{'|' + mode if mode else ''}|torch{torch.__version__}"
     path = cache_dir() / "peak_flops.json"
     try:
         table = json.loads(path.read_text())

@@ -1,9 +1,9 @@
 """The one training loop. Every stage (pretrain, fine-tune, SFT, RM, PPO) runs through it.
 
 An objective says what a batch is and what its loss is; everything else lives
-here: device and precision, torchrun/DDP, gradient accumulation, clipping, the
-learning-rate schedule, checkpoints and exact resume, signals, NaN stops,
-metrics.jsonl and the progress bar.
+here: device and precision, torchrun with DDP or FSDP (plumbing in distributed.py),
+gradient accumulation, clipping, the learning-rate schedule, checkpoints and exact
+resume, signals, NaN stops, metrics.jsonl and the progress bar.
 
 The objective protocol:
     train_batch(step, n) -> dict of tensors, dim 0 = n examples (the global batch of `step`)
@@ -27,11 +27,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import file_sha256, load_into, save_weights
+from ..checkpoint import path_sha256, save_state_dict
 from ..config import TrainConfig, to_dict
 from ..errors import GptstackError
-from ..io import append_jsonl, atomic_write_bytes, atomic_write_json, read_json, read_jsonl_loose
+from ..io import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_json, read_jsonl_loose
 from ..perf import peak_flops
+from .distributed import (any_rank, barrier, clip_grad_norm, data_parallel, dist_env, gather_objects, gradient_sync,
+                          init_distributed, load_sharded_optimizer, load_whole_state, save_sharded_optimizer,
+                          shard_model, whole_state_dict)
 
 # settings that may change between a run and its resume without changing the result
 RESUMABLE_KEYS = {"steps", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "device", "compile"}
@@ -42,11 +45,6 @@ class Interrupted(GptstackError):
 
 
 # ---------------------------------------------------------------- environment
-
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
@@ -60,10 +58,29 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+# The numerics of training (benchmarks/ measures their speed and loss curves):
+#   fp32       IEEE fp32 everywhere.
+#   bf16       autocast: matmuls and attention take bf16 inputs; softmax, norms and the loss stay fp32,
+#              and so do weights, gradients and AdamW state.
+#   fp32-tf32  fp32 tensors, but matmuls may round their inputs to TF32 (10-bit mantissa): CUDA tensor
+#              cores (Ampere and later); on CPU, oneDNN does so only on CPUs with TF32 units, elsewhere
+#              (AVX-512, AVX2) this is plain fp32.
+#   auto       bf16 on GPUs with bf16 units, fp32 elsewhere: on CPU, bf16 is fast only with AVX512_BF16
+#              or AMX, and fp32 keeps the exact invariants (accumulation, resume, ranks) bit-for-bit.
+PRECISIONS = ("auto", "fp32", "bf16", "fp32-tf32")
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
+    """The precision to train in, with `auto` decided; sets the process's fp32 matmul mode to match."""
     if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    use_matmul_precision(name)
     return name
+
+
+def use_matmul_precision(precision: str) -> None:
+    """Process-wide, because backward runs outside `autocast` and must compute like the forward did."""
+    torch.set_float32_matmul_precision("high" if precision == "fp32-tf32" else "highest")
 
 
 def autocast(device: torch.device, precision: str):
@@ -103,18 +120,7 @@ class Trainer:
         self.cfg, self.objective, self.out = cfg, objective, Path(out_dir)
         self.metadata, self.desc = metadata or {}, desc
         self.rank, self.world, local_rank = dist_env()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and cfg.device in ("auto", "cuda") else "gloo"
-            dist.init_process_group(backend)
-        self.device = pick_device(cfg.device, local_rank)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.model = model.to(self.device)  # the plain module: saved, evaluated
-        self.ckpt_dir = self.out / "checkpoints"
-        self.metrics_path = self.out / "metrics.jsonl"
-        self._stop: str | None = None
-
+        init_distributed(cfg.device)
         if cfg.batch_size % self.world:
             raise GptstackError(f"config 'batch_size' ({cfg.batch_size}) must be divisible by the {self.world} ranks")
         self.per_rank = cfg.batch_size // self.world
@@ -122,6 +128,19 @@ class Trainer:
         if self.per_rank % self.micro:
             raise GptstackError(f"config 'micro_batch_size' ({self.micro}) must divide the per-rank batch ({self.per_rank})")
         self.accum = self.per_rank // self.micro
+        self.device = pick_device(cfg.device, local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        # the module that is saved and evaluated: whole, or FSDP-sharded in place
+        self.sharded = cfg.strategy == "fsdp" and self.world > 1
+        self.model = shard_model(model, self.device, self.precision) if self.sharded else model.to(self.device)
+        self.parallel = data_parallel(self.model, self.device)  # the module that trains: DDP around it, or itself
+        # FSDP's optimizer state stays sharded on disk too (a DCP folder any number of ranks can load)
+        self.optim_name = "optim" if cfg.strategy == "fsdp" else "optim.pt"
+        self.ckpt_dir = self.out / "checkpoints"
+        self.metrics_path = self.out / "metrics.jsonl"
+        self._stop: str | None = None
 
     @property
     def is_main(self) -> bool:
@@ -148,33 +167,31 @@ class Trainer:
         rng = {"torch": _rng_b64(torch.get_rng_state())}
         if self.device.type == "cuda":
             rng["cuda"] = _rng_b64(torch.cuda.get_rng_state(self.device))
-        rngs = [None] * self.world
-        if self.world > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if not self.is_main:
-            dist.barrier()
-            return self.ckpt_dir / f"step_{step:07d}"
+        rngs = gather_objects(rng)
+        weights = whole_state_dict(self.model)  # gathered from the shards on rank 0 when sharded
         final = self.ckpt_dir / f"step_{step:07d}"
         tmp = self.ckpt_dir / f".tmp_step_{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_weights(self.model, tmp / "model.safetensors", self.metadata)
-        buf = _torch_bytes(optimizer.state_dict())
-        atomic_write_bytes(tmp / "optim.pt", buf)
-        atomic_write_json(tmp / "trainer_state.json", {
-            "step": step, "finished": step >= self.cfg.steps, "rng": rngs,
-            "model_sha256": file_sha256(tmp / "model.safetensors"),
-            "optim_sha256": file_sha256(tmp / "optim.pt"),
-            "train_config": to_dict(self.cfg), "world_size": self.world, **stats,
-        })
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # a checkpoint exists only once complete
-        for old in self._checkpoints()[:-max(1, self.cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
-        if self.world > 1:
-            dist.barrier()
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_state_dict(weights, tmp / "model.safetensors", self.metadata)
+            if self.optim_name == "optim.pt":
+                atomic_write_bytes(tmp / "optim.pt", _torch_bytes(optimizer.state_dict()))
+        if self.optim_name == "optim":
+            barrier()  # the folder exists before every rank writes its shard into it
+            save_sharded_optimizer(self.model, optimizer, tmp / "optim")
+        if self.is_main:
+            atomic_write_json(tmp / "trainer_state.json", {
+                "step": step, "finished": step >= self.cfg.steps, "rng": rngs,
+                "model_sha256": path_sha256(tmp / "model.safetensors"),
+                "optim_sha256": path_sha256(tmp / self.optim_name),
+                "train_config": to_dict(self.cfg), "world_size": self.world, **stats,
+            })
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)  # a checkpoint exists only once complete
+            for old in self._checkpoints()[:-max(1, self.cfg.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return final
 
     def _resume(self, optimizer) -> tuple[int, dict]:
@@ -183,9 +200,6 @@ class Trainer:
             return 0, {}
         ck = ckpts[-1]
         state = read_json(ck / "trainer_state.json")
-        for name, key in (("model.safetensors", "model_sha256"), ("optim.pt", "optim_sha256")):
-            if not (ck / name).is_file() or file_sha256(ck / name) != state.get(key):
-                raise GptstackError(f"{ck / name}: corrupt checkpoint (checksum mismatch); delete {ck} to resume from an earlier one")
         old = {k: v for k, v in state["train_config"].items() if k not in RESUMABLE_KEYS}
         new = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_KEYS}
         changed = sorted(k for k in new if old.get(k) != new[k])
@@ -193,11 +207,18 @@ class Trainer:
             raise GptstackError(f"{self.out}: cannot resume, config changed since the checkpoint: "
                                 + ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed)
                                 + f" (use a new output folder, or delete {self.ckpt_dir})")
-        load_into(self.model, ck / "model.safetensors")
+        # checksums only now: a checkpoint of the other strategy names its optimizer state differently
+        for name, key in (("model.safetensors", "model_sha256"), (self.optim_name, "optim_sha256")):
+            if not (ck / name).exists() or path_sha256(ck / name) != state.get(key):
+                raise GptstackError(f"{ck / name}: corrupt checkpoint (checksum mismatch); delete {ck} to resume from an earlier one")
+        load_whole_state(self.model, ck / "model.safetensors")
         try:
-            optimizer.load_state_dict(torch.load(ck / "optim.pt", map_location=self.device, weights_only=True))
+            if self.optim_name == "optim":
+                load_sharded_optimizer(self.model, optimizer, ck / "optim")
+            else:
+                optimizer.load_state_dict(torch.load(ck / "optim.pt", map_location=self.device, weights_only=True))
         except Exception as e:
-            raise GptstackError(f"{ck / 'optim.pt'}: corrupt optimizer state ({str(e).splitlines()[0]})") from None
+            raise GptstackError(f"{ck / self.optim_name}: corrupt optimizer state ({str(e).splitlines()[0]})") from None
         rngs = state["rng"]
         rng = rngs[self.rank] if self.rank < len(rngs) and state.get("world_size") == self.world else rngs[0]
         torch.set_rng_state(_rng_from_b64(rng["torch"]))
@@ -237,6 +258,11 @@ class Trainer:
         self.model.train()
         return out
 
+    def _main_eval(self) -> dict:
+        """Rank 0's eval ({} on the other ranks); a sharded model needs every rank in its forward."""
+        out = self.evaluate() if self.is_main or self.sharded else {}
+        return out if self.is_main else {}
+
     # ------------------------------------------------------------ fit
 
     def fit(self) -> dict:
@@ -248,16 +274,10 @@ class Trainer:
             torch.manual_seed(cfg.seed + self.rank)
         if start >= cfg.steps:
             return state.get("summary", {})
-        model = self.model
-        if self.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.compile:
-            model = torch.compile(model)
-        self.train_model = model
+        model = torch.compile(self.parallel) if cfg.compile else self.parallel
 
         stats = {k: state.get(k, 0) for k in ("tokens", "train_seconds", "wall_seconds")}
-        initial = state.get("initial_eval") or (self.evaluate() if self.is_main else {})
+        initial = state.get("initial_eval") or self._main_eval()
         if start == 0 and self.is_main:
             append_jsonl(self.metrics_path, {"event": "eval", "step": 0, **initial})
         fpt = getattr(self.objective, "flops_per_token", lambda: 0.0)()
@@ -275,7 +295,7 @@ class Trainer:
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 loss_sum, tokens, metrics = self._step(model, step)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                grad_norm = clip_grad_norm(self.model, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 if not (math.isfinite(loss_sum) and torch.isfinite(grad_norm)):
                     good = self._checkpoints()
                     raise GptstackError(
@@ -303,21 +323,23 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}", refresh=False)
                     window_tokens, window_time = 0, 0.0
                 bar.update(1)
-                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and self.is_main:
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     t1 = time.perf_counter()
-                    append_jsonl(self.metrics_path, {"event": "eval", "step": done, **self.evaluate()})
+                    row = self._main_eval()
+                    if self.is_main:
+                        append_jsonl(self.metrics_path, {"event": "eval", "step": done, **row})
                     stats["wall_seconds"] += time.perf_counter() - t1
-                if self._stop or done % cfg.ckpt_every == 0 or done == cfg.steps:
-                    final = None
-                    if done == cfg.steps and self.is_main:
-                        final = self.evaluate()
+                stopping = any_rank(self._stop is not None)  # every rank saves and stops at the same step
+                if stopping or done % cfg.ckpt_every == 0 or done == cfg.steps:
+                    final = self._main_eval() if done == cfg.steps else None
+                    if final is not None and self.is_main:
                         append_jsonl(self.metrics_path, {"event": "eval", "step": done, **final})
                     summary = self._summary(stats, initial, final, last, fpt, peak) if final is not None else {}
                     ck = self._save(done, optimizer, {**stats, "initial_eval": initial, "summary": summary})
-                    if self._stop:
+                    if stopping:
                         bar.close()
-                        raise Interrupted(f"stopped by {self._stop} at step {done}; checkpoint {ck} saved; "
-                                          "run the same command again to resume")
+                        raise Interrupted(f"stopped by {self._stop or 'a signal to another rank'} at step {done}; "
+                                          f"checkpoint {ck} saved; run the same command again to resume")
         bar.close()
         if self.is_main:
             self._publish(self._checkpoints()[-1])
@@ -337,11 +359,10 @@ class Trainer:
         tokens, sums = 0, {}
         for i, mb in enumerate(micros):
             mb = {k: v.to(self.device, non_blocking=True) for k, v in mb.items()}
-            sync = contextlib.nullcontext() if i == self.accum - 1 or self.world == 1 else model.no_sync()
-            with sync:
+            with gradient_sync(self.parallel, i == self.accum - 1):
                 with autocast(self.device, self.precision):
                     loss, metrics = self.objective.loss(model, mb)
-                # each micro-batch counts by its weight in the global mean; DDP averages over ranks, so scale by world
+                # each micro-batch counts by its weight in the global mean; DDP and FSDP average over ranks, so scale by world
                 (loss * (weights[i] / total * self.world)).backward()
             loss_sum += loss.detach().double() * weights[i] / total
             tokens += int(metrics.pop("tokens", 0))
@@ -363,14 +384,23 @@ class Trainer:
 
     def _publish(self, ck: Path) -> None:
         """The stage's final files: the last checkpoint, linked (or copied) beside it."""
-        for name in ("model.safetensors", "optim.pt", "trainer_state.json"):
+        for name in ("model.safetensors", self.optim_name, "trainer_state.json"):
             tmp = self.out / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
             tmp.unlink(missing_ok=True)
-            try:
-                os.link(ck / name, tmp)
-            except OSError:
-                shutil.copyfile(ck / name, tmp)
-            os.replace(tmp, self.out / name)
+            if (ck / name).is_dir():  # FSDP's sharded optimizer state
+                shutil.copytree(ck / name, tmp, copy_function=_link_or_copy)
+                atomic_replace_dir(tmp, self.out / name)
+            else:
+                _link_or_copy(ck / name, tmp)
+                os.replace(tmp, self.out / name)
+
+
+def _link_or_copy(src, dst) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def threading_main() -> bool:
