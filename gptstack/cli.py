@@ -18,12 +18,17 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="SPEC",
                    help="a data source, PATH[@WEIGHT]: stdlib, a file, folder, glob, .jsonl, .parquet, hf:NAME[:split] "
                         "or a saved dataset folder; repeat for a weighted mixture (replaces the preset's sources)")
+    p.add_argument("--strategy", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (default) or fsdp, FSDP2 sharding for models too big for one device "
+                        "(sets pretrain.strategy)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def _resolve(args):
     from . import config
     overrides = list(args.overrides)
+    if args.strategy:
+        overrides.append(f"pretrain.strategy={args.strategy}")
     cfg = config.resolve(args.preset, args.config, overrides)
     if args.data:
         cfg.data.sources = [_parse_source(s) for s in args.data]
@@ -46,9 +51,9 @@ def _parse_source(spec: str):
 # ---------------------------------------------------------------- verbs
 
 def cmd_pipeline(args):
-    from .pipeline import STAGES, run_pipeline
+    from .pipeline import DEFAULT_STAGES, STAGES, run_pipeline
     cfg = _resolve(args)
-    stages = args.stages.split(",") if args.stages else STAGES
+    stages = STAGES if args.stages == "all" else args.stages.split(",") if args.stages else DEFAULT_STAGES
     report = run_pipeline(cfg, Path(args.out), stages)
     if report:
         print(f"report: {Path(args.out) / 'report.md'}")
@@ -66,8 +71,49 @@ def cmd_pretrain(args):
         from .tokenizer import Tokenizer
         out.mkdir(parents=True, exist_ok=True)
         Tokenizer.load(args.tokenizer).save(out / "tokenizer.json")
-    run_pipeline(cfg, out, ["tokenizer", "pretrain"])
-    print(f"model: {out / 'pretrain' / 'model.safetensors'}")
+    if run_pipeline(cfg, out, ["tokenizer", "pretrain"]):  # the report, on rank 0 only
+        print(f"model: {out / 'pretrain' / 'model.safetensors'}")
+
+
+def cmd_finetune(args):
+    import json
+    from . import config
+    from .checkpoint import find_tokenizer, load_model
+    from .data.records import read_task_records
+    from .tokenizer import Tokenizer
+    from .train.finetune import finetune
+    cfg = config.resolve(args.preset, args.config, args.overrides)
+    tok = Tokenizer.load(find_tokenizer(args.init))
+    out = Path(args.out)
+    val = args.val
+    if val is None:  # hold out every 10th record for validation
+        records = read_task_records(Path(args.data), args.task)
+        split = {"train": [r for i, r in enumerate(records) if i % 10], "val": records[::10]}
+        for name, rows in split.items():
+            (out / "data").mkdir(parents=True, exist_ok=True)
+            (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_line"}) + "\n" for r in rows))
+        args.data, val = out / "data" / "train.jsonl", out / "data" / "val.jsonl"
+    model_cfg = load_model(args.init).cfg
+    result = finetune(cfg.finetune, args.task, tok, out, Path(args.data), Path(val), Path(args.test) if args.test else None,
+                      init=None if args.scratch else Path(args.init), model_cfg=model_cfg)
+    tok.save(out / "tokenizer.json")  # predict finds it beside the model
+    print(json.dumps({k: result[k] for k in ("labels", "val", "test") if k in result}))
+
+
+def cmd_predict(args):
+    import json
+    from .checkpoint import find_tokenizer
+    from .tokenizer import Tokenizer
+    from .train.finetune import predict
+    tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
+    rows = predict(Path(args.model), tok, Path(args.data))
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if args.out:
+        from .io import atomic_write_text
+        atomic_write_text(Path(args.out), text)
+        print(f"{len(rows)} predictions: {args.out}")
+    else:
+        print(text, end="")
 
 
 def cmd_sample(args):
@@ -104,6 +150,29 @@ def cmd_eval(args):
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(model_dir))
     sampler = build_sampler(cfg.data, tok, model.cfg.n_ctx, seed=0)
     print(json.dumps(lm_metrics(model, sampler, tok.vocab_size), indent=1))
+
+
+def cmd_eval_prompting(args):
+    from .checkpoint import find_tokenizer, load_model
+    from .data.tokens import cache_dir
+    from .evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
+    from .tokenizer import Tokenizer
+    import torch
+    try:
+        shots = [int(k) for k in args.shots.split(",")]
+    except ValueError:
+        raise GptstackError(f"--shots '{args.shots}': expected comma-separated integers, e.g. 0,1,8") from None
+    tasks = resolve_tasks(args.task or ["cloze", "continuation", "arithmetic", "docstring_name"],
+                          cache_dir() / "prompting" / str(args.seed), args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {}
+    for m in args.model:
+        model = load_model(m, device)
+        tok = Tokenizer.load(find_tokenizer(m))
+        results[str(m)] = sweep(model, tok, tasks, shots, args.limit, args.seed, log=lambda s: print(s, file=sys.stderr))
+    if args.plot:
+        plot_shots(results, Path(args.plot), CHANCE)
+    print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=1))
 
 
 def cmd_tokenizer(args):
@@ -161,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run all stages into one run folder, then write report.md / report.json",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the run folder, e.g. runs/demo")
-    p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval (finished ones are skipped)")
+    p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval,prompting,finetune, or 'all' "
+                   "(default: all but finetune; finished stages are skipped)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
@@ -171,6 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     _add_config_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("finetune", help="GPT-1 fine-tuning: a task head on a pretrained model, L3 = L2 + λ·L1",
+                       epilog="records (JSONL): classification {text, label}; entailment {premise, hypothesis, label}; "
+                              "similarity {text_a, text_b, label}; multiple_choice {context, choices, label}. "
+                              "Settings: finetune.lm_coef (λ), finetune.epochs, finetune.train.lr, finetune.truncate, ...")
+    p.add_argument("--task", required=True, choices=["classification", "entailment", "similarity", "multiple_choice"])
+    p.add_argument("--data", required=True, help="training records (JSONL)")
+    p.add_argument("--val", help="validation records (default: every 10th training record)")
+    p.add_argument("--test", help="test records, scored at the end")
+    p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
+    p.add_argument("--scratch", action="store_true", help="same architecture, random weights (the baseline)")
+    p.add_argument("--out", required=True, help="output folder for the fine-tuned model")
+    p.add_argument("--preset", default="tiny", help="preset whose finetune.* settings to use (default: tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.lm_coef=0 finetune.train.lr=1e-4")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("predict", help="label new records with a fine-tuned model")
+    p.add_argument("--model", required=True, help="a fine-tuned model folder")
+    p.add_argument("--data", required=True, help="records (JSONL) of the model's task kind; labels not needed")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the model)")
+    p.add_argument("--out", help="write JSONL here (default: stdout)")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("sample", help="generate text from a model")
     p.add_argument("--model", required=True, help="RUN/STAGE folder (or a model.safetensors)")
@@ -191,6 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
     e.add_argument("--data", action="append", default=[], metavar="SPEC", help="data source(s) (default: the run's)")
     e.set_defaults(func=cmd_eval)
+    e = esub.add_parser("prompting", help="zero-, one- and few-shot prompting tasks (GPT-2/GPT-3 style), a K sweep",
+                        epilog="A task is a built-in name (cloze, continuation, arithmetic, docstring_name) or a task "
+                               ".yaml beside its JSONL data; see gptstack/evals/prompting.py for the fields.")
+    e.add_argument("--model", required=True, action="append", help="RUN/STAGE folder; repeat to compare models")
+    e.add_argument("--task", action="append", help="task name or task.yaml (repeatable; default: all built-in)")
+    e.add_argument("--shots", default="0,1,8", help="comma-separated K values (default: 0,1,8)")
+    e.add_argument("--limit", type=int, default=0, help="at most this many queries per task (0: all)")
+    e.add_argument("--seed", type=int, default=0, help="which few-shot examples each query gets")
+    e.add_argument("--plot", help="write the accuracy-against-K plot here (PNG)")
+    e.set_defaults(func=cmd_eval_prompting)
 
     p = sub.add_parser("tokenizer", help="train / use a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -72,9 +72,37 @@ class TrainConfig:
     eval_tokens: int = 65536  # tokens of val data per in-training eval
     ckpt_every: int = 100
     keep_checkpoints: int = 2
-    precision: str = "auto"  # auto | fp32 | bf16 | fp32-tf32 (TF32 / oneDNN-bf16 matmuls for fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp32-tf32 (what each computes: train/trainer.py)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    strategy: str = "ddp"  # under torchrun: ddp (a whole model per rank) | fsdp (FSDP2: parameters, gradients, optimizer sharded)
+
+
+def _finetune_train() -> "TrainConfig":
+    # GPT-1's fine-tuning recipe: lr 6.25e-5, batch 32, linear decay to 0 (warmup: FinetuneConfig)
+    return TrainConfig(steps=0, batch_size=32, lr=6.25e-5, schedule="linear", min_lr_ratio=0.0, warmup_steps=0,
+                       weight_decay=0.01, log_every=10, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
+
+
+@dataclass
+class FinetuneConfig:
+    tasks: list[str] = field(default_factory=lambda: ["module", "value_claim", "renamed", "continuation"])
+    epochs: float = 3.0
+    warmup_fraction: float = 0.002  # GPT-1: 0.2% of training
+    lm_coef: float = 0.5  # λ in L3 = L2 + λ·L1 (0 turns the auxiliary LM loss off)
+    head_dropout: float = 0.1
+    max_len: int = 0  # tokens per input sequence (0: the model's context)
+    truncate: str = "left"  # over-long inputs lose tokens from this side
+    baselines: bool = True  # the pipeline also trains from scratch and with λ = 0, for the report
+    train: TrainConfig = field(default_factory=_finetune_train)
+
+
+@dataclass
+class PromptingConfig:
+    tasks: list[str] = field(default_factory=lambda: ["cloze", "continuation", "arithmetic", "docstring_name"])
+    shots: list[int] = field(default_factory=lambda: [0, 1, 4, 8])
+    limit: int = 0  # queries per task (0: all)
+    seed: int = 0  # which few-shot examples each query gets
 
 
 @dataclass
@@ -84,6 +112,8 @@ class RunConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    prompting: PromptingConfig = field(default_factory=PromptingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
@@ -97,12 +127,15 @@ def from_dict(cls, data: dict, where: str = ""):
     if not isinstance(data, dict):
         raise GptstackError(f"config {where or cls.__name__}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
-        if key not in names:
-            raise GptstackError(f"unknown config key '{path}' (known: {', '.join(sorted(names))})")
+        if key not in fields:
+            raise GptstackError(f"unknown config key '{path}' (known: {', '.join(sorted(fields))})")
+        f = fields[key]
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+            value = deep_merge(to_dict(f.default_factory()), value)  # keep this field's own defaults under partial settings
         kwargs[key] = _coerce(hints[key], value, path)
     return cls(**kwargs)
 
@@ -226,8 +259,14 @@ def validate(cfg: RunConfig) -> None:
         raise GptstackError(f"config 'pretrain.schedule' must be cosine, linear or constant, got {t.schedule!r}")
     if t.precision not in ("auto", "fp32", "bf16", "fp32-tf32"):
         raise GptstackError(f"config 'pretrain.precision' must be auto, fp32, bf16 or fp32-tf32, got {t.precision!r}")
+    if t.strategy not in ("ddp", "fsdp"):
+        raise GptstackError(f"config 'pretrain.strategy' must be ddp or fsdp, got {t.strategy!r}")
+    if cfg.finetune.train.strategy != "ddp":  # task models are small; their evals run whole on rank 0
+        raise GptstackError(f"config 'finetune.train.strategy' must be ddp, got {cfg.finetune.train.strategy!r}")
     if t.seq_len > m.n_ctx:
         raise GptstackError(f"config 'pretrain.seq_len' ({t.seq_len}) exceeds model.n_ctx ({m.n_ctx})")
+    if cfg.finetune.truncate not in ("left", "right"):
+        raise GptstackError(f"config 'finetune.truncate' must be left or right, got {cfg.finetune.truncate!r}")
     for i, s in enumerate(cfg.data.sources):
         if s.weight <= 0:
             raise GptstackError(f"config 'data.sources[{i}].weight' must be > 0, got {s.weight}")

@@ -162,3 +162,18 @@ class GPT(nn.Module):
     @staticmethod
     def config_from_metadata(meta: dict[str, str]) -> ModelConfig:
         return from_dict(ModelConfig, json.loads(meta["gptstack.model_config"]))
+
+
+class Head(nn.Module):
+    """A linear head on hidden states: GPT-1's classifier (P(y|x) = softmax(h·W_y)), or a scalar
+    (reward, value, a multiple-choice score) when n_out = 1. Dropout first, as GPT-1's classifier."""
+
+    def __init__(self, n_embd: int, n_out: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(n_embd, n_out)
+        nn.init.normal_(self.proj.weight, 0.0, 0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h):
+        return self.proj(self.drop(h))

@@ -19,12 +19,17 @@ from .data.sources import iter_documents, source_files
 from .data.tokens import is_val
 from .errors import GptstackError
 from .evals.lm import lm_metrics
+from .evals.prompting import run_prompting_stage
 from .io import atomic_write_json, read_json
 from .tokenizer import Tokenizer
+from .train.distributed import barrier, broadcast_from_main, dist_env, init_distributed
+from .train.finetune import run_finetune_stage
 from .train.lm import fit_vocab, run_pretrain
-from .train.trainer import dist_env
 
-STAGES = ["tokenizer", "pretrain", "eval"]
+STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune"]
+# what `pipeline` runs unless --stages says otherwise; finetune (12 fine-tuning runs: 4 tasks x
+# pretrained / from scratch / λ = 0) is opt-in while it costs more than the rest of the demo together
+DEFAULT_STAGES = ["tokenizer", "pretrain", "eval", "prompting"]
 
 
 def stage_done(run: Path, stage: str) -> bool:
@@ -32,7 +37,8 @@ def stage_done(run: Path, stage: str) -> bool:
 
 
 def train_tokenizer(cfg: RunConfig, run: Path) -> dict:
-    """BPE on the training documents of every source (val documents are held out from it too)."""
+    """BPE on the training documents of every source (val documents are held out from it too), or the
+    tokenizer already placed in the run folder (`pretrain --tokenizer`); then its bytes per token on val text."""
     t0 = time.time()
     budget = cfg.tokenizer.train_bytes or float("inf")
     seen = {"bytes": 0}
@@ -50,13 +56,20 @@ def train_tokenizer(cfg: RunConfig, run: Path) -> dict:
                 seen["bytes"] += len(doc.text.encode("utf-8"))
                 yield doc.text
 
-    tok = Tokenizer.train(texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+    given = run / "tokenizer.json"
+    if given.is_file():
+        tok = Tokenizer.load(given)
+        for _ in texts():  # only to find the val documents and to check the corpus is not empty
+            pass
+    else:
+        tok = Tokenizer.train(texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     if seen["bytes"] == 0:
         raise GptstackError("empty corpus: the data sources hold no training text")
     sample = val_docs or ["def f(x):\n    return x\n"]
     nbytes = sum(len(t.encode("utf-8")) for t in sample)
     ntok = sum(len(ids) for ids in tok.encode_batch(sample))
-    tok.save(run / "tokenizer.json")
+    if not given.is_file():
+        tok.save(given)
     result = {"tokenizer": {"vocab_size": tok.vocab_size, "bytes_per_token": nbytes / max(ntok, 1),
                             "train_bytes": seen["bytes"], "seconds": time.time() - t0}}
     atomic_write_json(run / "tokenizer" / "summary.json", result)
@@ -82,29 +95,33 @@ def check_sources(cfg: RunConfig) -> None:
 
 def run_pipeline(cfg: RunConfig, run: Path, stages: list[str] | None = None, log=print) -> dict:
     run = Path(run)
-    stages = stages or STAGES
+    stages = stages or DEFAULT_STAGES
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise GptstackError(f"unknown stage(s) {', '.join(unknown)} (known: {', '.join(STAGES)})")
     check_sources(cfg)
+    init_distributed(cfg.pretrain.device)  # under torchrun every rank runs the pipeline; rank 0 writes the run folder
     rank = dist_env()[0]
+    if rank != 0:
+        log = _quiet
     created = not run.exists()
     _check_config(cfg, run)
     try:
         if rank == 0:
             run.mkdir(parents=True, exist_ok=True)
             configlib.save(cfg, run / "config.yaml")
+        # rank 0 writes the summaries, so its view of what is finished is the one every rank follows
+        finished = broadcast_from_main([s for s in STAGES if stage_done(run, s)])
         for stage in STAGES:
             if stage not in stages:
                 continue
-            if stage_done(run, stage):
+            barrier()  # ranks start a stage together: while rank 0 runs one alone, the others wait here
+            if stage in finished:
                 log(f"[{stage}] finished already, skipping ({run / stage / 'summary.json'})")
                 continue
             log(f"[{stage}] running")
-            if stage == "tokenizer":
-                if rank == 0:
-                    train_tokenizer(cfg, run)
-                _barrier()
+            if stage == "tokenizer" and rank == 0:
+                train_tokenizer(cfg, run)
             elif stage == "pretrain":
                 tok = _tokenizer(run)
                 fit_vocab(cfg, tok)
@@ -113,6 +130,12 @@ def run_pipeline(cfg: RunConfig, run: Path, stages: list[str] | None = None, log
                 run_pretrain(cfg, run / "pretrain", tok)
             elif stage == "eval" and rank == 0:
                 eval_lm(cfg, run)
+            elif stage == "prompting" and rank == 0:
+                run_prompting_stage(cfg, run, _tokenizer(run), log)
+            elif stage == "finetune":  # the Trainer needs every rank
+                tok = _tokenizer(run)
+                fit_vocab(cfg, tok)
+                run_finetune_stage(cfg, run, tok, log)
     except GptstackError:
         if created and rank == 0 and not any(stage_done(run, s) for s in STAGES):
             shutil.rmtree(run, ignore_errors=True)  # never leave a half-written run folder behind
@@ -129,22 +152,29 @@ def _tokenizer(run: Path) -> Tokenizer:
     return Tokenizer.load(run / "tokenizer.json")
 
 
+# the config sections each stage's output depends on
+STAGE_SECTIONS = {"tokenizer": ("data", "tokenizer"), "pretrain": ("data", "tokenizer", "model", "pretrain"),
+                  "eval": ("data", "tokenizer", "model", "pretrain"), "prompting": ("prompting",), "finetune": ("finetune",)}
+RESUMABLE = ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "device", "compile", "eval_tokens")
+
+
 def _check_config(cfg: RunConfig, run: Path) -> None:
-    """A run folder belongs to one config: resuming with another would mix two experiments."""
+    """Settings that a started stage depends on cannot change under it (that would mix two experiments);
+    a stage not started yet takes new settings."""
     path = run / "config.yaml"
     if not path.is_file():
         return
-    old = to_dict(configlib.load(path))
-    new = to_dict(cfg)
+    old, new = to_dict(configlib.load(path)), to_dict(cfg)
     old["model"]["vocab_size"] = new["model"]["vocab_size"]  # filled in from the tokenizer
-    for section in ("pretrain",):
-        for k in ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "device", "compile", "eval_tokens"):
-            old[section].pop(k, None)
-            new[section].pop(k, None)
-    if old != new:
-        diffs = _diff(old, new)
-        raise GptstackError(f"{path}: this run folder was made with another config ({'; '.join(diffs[:4])}); "
-                            "use a new --out, or the same settings")
+    for d in (old, new):
+        for k in RESUMABLE:
+            d["pretrain"].pop(k, None)
+    started = [s for s in STAGES if (run / s).exists()]
+    for stage in started:
+        diffs = [d for sec in STAGE_SECTIONS[stage] for d in _diff(old[sec], new[sec], f"{sec}.")]
+        if diffs:
+            raise GptstackError(f"{path}: the {stage} stage was made with another config ({'; '.join(diffs[:4])}); "
+                                f"use a new --out, the same settings, or delete {run / stage} to redo that stage")
 
 
 def _diff(a, b, prefix="") -> list[str]:
@@ -156,10 +186,8 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 
-def _barrier():
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0: one copy of every message is enough."""
 
 
 def load_report(run: Path) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import deep_merge
 from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 
-STAGE_ORDER = ["tokenizer", "pretrain", "eval"]
+STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune"]
 
 
 def collect(run: Path) -> dict:
@@ -96,5 +96,29 @@ def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
             lines += ["### Samples (temperature 0.8, top-k 50)", ""]
             for s in samples:
                 lines += ["```python", s["prompt"] + s["completion"], "```", ""]
+    if "prompting" in r:
+        lines += ["## Prompting (GPT-2 zero-shot, GPT-3 few-shot)", "",
+                  "Accuracy of the pretrained model with K solved examples in its context, no gradient step. "
+                  "*fit*: the mean number of examples that fit the context window.", ""]
+        for task, by_k in r["prompting"].items():
+            ks = list(by_k)
+            lines += [f"**{task}** (n = {by_k[ks[0]]['n']})", "", "| K | " + " | ".join(k.split("_")[1] for k in ks) + " |",
+                      "|---|" + "---|" * len(ks),
+                      "| acc | " + " | ".join(f"{by_k[k]['acc']:.3f}" for k in ks) + " |"]
+            if "acc_norm" in by_k[ks[0]]:
+                lines.append("| acc_norm | " + " | ".join(f"{by_k[k]['acc_norm']:.3f}" for k in ks) + " |")
+            lines += ["| fit | " + " | ".join(f"{by_k[k]['shots_fit']:.1f}" for k in ks) + " |", ""]
+        if (run / "plots" / "shots.png").is_file():
+            lines += ["![accuracy against K](plots/shots.png)", ""]
+    if "finetune" in r:
+        lines += ["## Fine-tuning (GPT-1: L3 = L2 + λ·L1, a linear head on the Extract token)", "",
+                  "Test accuracy on held-out modules. *from scratch*: the same recipe from random weights; "
+                  "*λ = 0*: without the auxiliary LM loss.", "",
+                  "| task | kind | chance | accuracy | F1 | from scratch | λ = 0 | train examples |", "|---|---|---|---|---|---|---|---|"]
+        for task, t in r["finetune"].items():
+            f1 = f"{t['f1']:.3f}" if "f1" in t else ""
+            lines.append(f"| {task} | {t['kind']} | {t['chance']:.3f} | **{t['accuracy']:.3f}** | {f1} | "
+                         f"{t.get('from_scratch_accuracy', float('nan')):.3f} | {t.get('lambda0_accuracy', float('nan')):.3f} | {t['n_train']} |")
+        lines.append("")
     lines += ["## report.json", "", "```json", json.dumps(r, indent=1)[:4000], "```", ""]
     return "\n".join(lines)

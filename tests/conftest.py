@@ -34,3 +34,20 @@ def corpus(tmp_path_factory) -> Path:
 def run_cli(*args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gptstack", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory):
+    """A small random GPT saved as a stage folder with its tokenizer: for evals' mechanics, not quality."""
+    import torch
+    from gptstack.checkpoint import save_state_dict
+    from gptstack.config import ModelConfig
+    from gptstack.model import GPT
+    from gptstack.tokenizer import Tokenizer
+    folder = tmp_path_factory.mktemp("random-model")
+    tok = Tokenizer.train(["def f(x): return x + 1\nQ: What is 1 plus 2?\nA: 3\nthe cat sat\n"] * 30, vocab_size=300)
+    torch.manual_seed(0)
+    gpt = GPT(ModelConfig(n_layer=2, n_embd=32, n_head=2, n_ctx=64, vocab_size=tok.vocab_size))
+    save_state_dict(gpt.state_dict(), folder / "model.safetensors", gpt.metadata())
+    tok.save(folder / "tokenizer.json")
+    return folder

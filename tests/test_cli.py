@@ -35,7 +35,8 @@ def test_bad_input_gives_one_line_and_no_run_folder(tmp_path, setup, args, needl
 @pytest.fixture(scope="module")
 def trained_run(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("cli") / "run"
-    proc = run_cli("pipeline", "--out", run, "--data", corpus, *TINY, "pretrain.steps=40", "pretrain.eval_every=20")
+    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer,pretrain,eval", *TINY,
+                   "pretrain.steps=40", "pretrain.eval_every=20")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -57,7 +58,8 @@ def test_pipeline_writes_the_run_folder_contract(trained_run):
 
 def test_rerun_skips_finished_stages(trained_run, corpus):
     before = (trained_run / "pretrain" / "model.safetensors").stat().st_mtime_ns
-    proc = run_cli("pipeline", "--out", trained_run, "--data", corpus, *TINY, "pretrain.steps=40", "pretrain.eval_every=20")
+    proc = run_cli("pipeline", "--out", trained_run, "--data", corpus, "--stages", "tokenizer,pretrain,eval", *TINY,
+                   "pretrain.steps=40", "pretrain.eval_every=20")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("finished already") == 3
     assert (trained_run / "pretrain" / "model.safetensors").stat().st_mtime_ns == before
@@ -87,3 +89,27 @@ def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
     weights = run / "pretrain" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     assert_clean_error(run_cli("sample", "--model", run / "pretrain"), "model.safetensors: corrupt or unreadable checkpoint")
+
+
+def test_prompting_and_finetune_stages_extend_a_finished_run(trained_run, corpus, tmp_path):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "all", *TINY, "pretrain.steps=40",
+                   "prompting.limit=8", "prompting.shots=[0,1]", "finetune.tasks=[value_claim]", "finetune.epochs=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((run / "report.json").read_text())
+    assert set(r["prompting"]) == {"cloze", "continuation", "arithmetic", "docstring_name"}
+    cont = r["prompting"]["continuation"]["shots_0"]  # the 64-token test model: long queries are skipped, never cut
+    assert cont["n"] + cont["skipped"] == 8 and r["prompting"]["arithmetic"]["shots_1"]["n"] == 8
+    ft = r["finetune"]["value_claim"]
+    assert {"accuracy", "chance", "from_scratch_accuracy", "lambda0_accuracy"} <= set(ft) and ft["chance"] == pytest.approx(1 / 3)
+    assert (run / "plots" / "shots.png").is_file() and "## Fine-tuning" in (run / "report.md").read_text()
+
+
+def test_pretrain_with_a_given_tokenizer_uses_it(trained_run, corpus, tmp_path):
+    out = tmp_path / "given"
+    proc = run_cli("pretrain", "--out", out, "--tokenizer", trained_run / "tokenizer.json", "--data", corpus, *TINY,
+                   "pretrain.steps=2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "tokenizer.json").read_text() == (trained_run / "tokenizer.json").read_text()

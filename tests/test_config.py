@@ -34,3 +34,9 @@ def test_config_errors_name_the_problem(bad, message):
 
 def test_parse_override_nests():
     assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+
+
+def test_partial_nested_settings_keep_the_sections_own_defaults():
+    cfg = resolve("tiny", overrides=["finetune.train.lr=5e-4"])
+    assert cfg.finetune.train.lr == 5e-4
+    assert (cfg.finetune.train.batch_size, cfg.finetune.train.schedule) == (32, "linear")  # not TrainConfig's 16, cosine

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import load_model
 from ..config import RunConfig
 from ..data.loader import TokenSampler, build_sampler
 from ..evals.lm import windows_loss
@@ -13,6 +14,7 @@ from ..generate import generate
 from ..io import append_jsonl, atomic_write_json
 from ..model import GPT
 from ..tokenizer import Tokenizer
+from .distributed import local_main_first
 from .trainer import Trainer
 
 SAMPLE_PROMPTS = ["def ", "class ", "import ", "    # ", "The "]
@@ -58,7 +60,8 @@ def run_pretrain(cfg: RunConfig, out: Path, tok: Tokenizer) -> dict:
     t0 = time.time()
     fit_vocab(cfg, tok)
     seq_len = cfg.pretrain.seq_len or cfg.model.n_ctx
-    sampler = build_sampler(cfg.data, tok, seq_len, cfg.pretrain.seed)
+    with local_main_first():  # one process per machine tokenizes into the cache; the others then read it
+        sampler = build_sampler(cfg.data, tok, seq_len, cfg.pretrain.seed)
     torch.manual_seed(cfg.pretrain.seed)  # the same initial weights on every rank
     model = GPT(cfg.model)
     objective = LMObjective(sampler, model.flops_per_token(seq_len), cfg.pretrain.eval_tokens)
@@ -82,7 +85,9 @@ def run_pretrain(cfg: RunConfig, out: Path, tok: Tokenizer) -> dict:
         "world_size": summary["world_size"],
         "mixture": sampler.epochs(sequences),
     }}
-    write_samples(trainer.model, tok, out / "samples.jsonl", cfg.pretrain.seed)
+    # an FSDP model is sharded over the ranks: rank 0 samples from the gathered weights instead
+    whole_model = load_model(out, trainer.device) if trainer.sharded else trainer.model
+    write_samples(whole_model, tok, out / "samples.jsonl", cfg.pretrain.seed)
     result["pretrain"]["stage_seconds"] = time.time() - t0
     atomic_write_json(out / "summary.json", result)
     return result

@@ -1,0 +1,327 @@
+"""GPT-1 fine-tuning: the pretrained decoder, a linear head on the Extract token, L3 = L2 + λ·L1.
+
+Input transformations (Radford et al. 2018, Figure 1):
+    classification    [start; text; extract]
+    entailment        [start; premise; delim; hypothesis; extract]
+    similarity        [start; a; delim; b; extract] and [start; b; delim; a; extract],
+                      the two final hidden states summed before the head
+    multiple choice   [start; context; delim; answer_k; extract] for each k, one score each,
+                      softmax across the answers
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import load_model, read_weights
+from ..config import FinetuneConfig
+from ..data.records import label_set, read_task_records
+from ..errors import GptstackError
+from ..io import atomic_write_json
+from ..model import GPT, Head
+from ..tokenizer import Tokenizer
+from .distributed import dist_env
+from .trainer import Trainer
+
+
+# ---------------------------------------------------------------- input transformations
+
+class TaskEncoder:
+    def __init__(self, tok: Tokenizer, kind: str, max_len: int, truncate: str = "left"):
+        if truncate not in ("left", "right"):
+            raise GptstackError(f"truncate must be 'left' or 'right', got {truncate!r}")
+        self.tok, self.kind, self.max_len, self.truncate = tok, kind, max_len, truncate
+        s = tok.special
+        self.start, self.delim, self.extract = s["<|start|>"], s["<|delim|>"], s["<|extract|>"]
+
+    def _cut(self, ids: list[int], n: int) -> list[int]:
+        if len(ids) <= n:
+            return ids
+        return ids[len(ids) - n:] if self.truncate == "left" else ids[:n]
+
+    def _pair(self, a: list[int], b: list[int]) -> tuple[list[int], list[int], bool]:
+        """Fit two parts into the budget; the longer part gives way first."""
+        budget = self.max_len - 3
+        if len(a) + len(b) <= budget:
+            return a, b, False
+        if len(a) >= len(b):
+            a = self._cut(a, max(budget - len(b), budget // 2))
+            b = self._cut(b, budget - len(a))
+        else:
+            b = self._cut(b, max(budget - len(a), budget // 2))
+            a = self._cut(a, budget - len(b))
+        return a, b, True
+
+    def encode(self, rec: dict) -> tuple[list[list[int]], int, bool]:
+        """(sequences, index of the sequence the LM loss reads, truncated?)"""
+        enc = self.tok.encode
+        if self.kind == "classification":
+            text = enc(rec["text"])
+            cut = self._cut(text, self.max_len - 2)
+            return [[self.start, *cut, self.extract]], 0, len(cut) < len(text)
+        if self.kind == "entailment":
+            a, b, cut = self._pair(enc(rec["premise"]), enc(rec["hypothesis"]))
+            return [[self.start, *a, self.delim, *b, self.extract]], 0, cut
+        if self.kind == "similarity":
+            a, b, cut = self._pair(enc(rec["text_a"]), enc(rec["text_b"]))
+            return [[self.start, *a, self.delim, *b, self.extract], [self.start, *b, self.delim, *a, self.extract]], 0, cut
+        context = enc(rec["context"])
+        seqs, any_cut = [], False
+        for choice in rec["choices"]:
+            a, b, cut = self._pair(context, enc(choice))
+            seqs.append([self.start, *a, self.delim, *b, self.extract])
+            any_cut |= cut
+        return seqs, rec.get("label", 0), any_cut  # the LM loss reads the real answer's text
+
+
+# ---------------------------------------------------------------- model
+
+class TaskModel(nn.Module):
+    """The decoder plus a head reading each sequence's final (Extract) hidden state."""
+
+    def __init__(self, gpt: GPT, kind: str, n_labels: int, dropout: float):
+        super().__init__()
+        self.gpt, self.kind = gpt, kind
+        self.head = Head(gpt.cfg.n_embd, 1 if kind == "multiple_choice" else n_labels, dropout)
+
+    def forward(self, ids, extract, lm_rows=None):
+        """ids (B, C, T), extract (B, C) -> task logits (B, labels or C), LM logits of rows lm_rows (B, T, V)."""
+        B, C, T = ids.shape
+        h = self.gpt.hidden(ids.view(B * C, T))
+        h_ext = h[torch.arange(B * C, device=ids.device), extract.view(-1)].view(B, C, -1)
+        if self.kind == "multiple_choice":
+            logits = self.head(h_ext).squeeze(-1)  # one score per answer
+        else:
+            logits = self.head(h_ext.sum(1))  # similarity: both orders summed; others: C = 1
+        lm = None
+        if lm_rows is not None:
+            lm = self.gpt.logits(h.view(B, C, T, -1)[torch.arange(B, device=ids.device), lm_rows])
+        return logits, lm
+
+
+# ---------------------------------------------------------------- objective
+
+class TaskData:
+    """Encoded examples of one file, batched as padded (n, C, T) tensors."""
+
+    def __init__(self, records: list[dict], encoder: TaskEncoder, labels: list | None, path: Path):
+        self.records = records
+        self.examples, self.truncated = [], 0
+        for rec in records:
+            seqs, lm_row, cut = encoder.encode(rec)
+            self.truncated += cut
+            if labels is None or "label" not in rec:
+                y = -1
+            elif encoder.kind == "multiple_choice":
+                y = rec["label"]
+            elif rec["label"] in labels:
+                y = labels.index(rec["label"])
+            else:
+                raise GptstackError(f"{path}:{rec['_line']}: field 'label' {rec['label']!r} is not among the training labels {labels}")
+            self.examples.append((seqs, lm_row, y))
+        self.pad = encoder.tok.pad
+
+    def __len__(self):
+        return len(self.examples)
+
+    def batch(self, indices) -> dict:
+        ex = [self.examples[i] for i in indices]
+        C = max(len(s) for s, _, _ in ex)
+        T = max(len(q) for s, _, _ in ex for q in s)
+        ids = torch.full((len(ex), C, T), self.pad, dtype=torch.long)
+        extract = torch.zeros(len(ex), C, dtype=torch.long)
+        choice_mask = torch.zeros(len(ex), C, dtype=torch.bool)
+        lm_target = torch.full((len(ex), T), -100, dtype=torch.long)
+        for i, (seqs, lm_row, _) in enumerate(ex):
+            for c, q in enumerate(seqs):
+                ids[i, c, :len(q)] = torch.tensor(q)
+                extract[i, c] = len(q) - 1
+                choice_mask[i, c] = True
+            q = seqs[lm_row]
+            lm_target[i, :len(q) - 2] = torch.tensor(q[1:-1])  # predict each text token; not start/extract
+        return {"ids": ids, "extract": extract, "choice_mask": choice_mask, "lm_row": torch.tensor([e[1] for e in ex]),
+                "lm_target": lm_target, "label": torch.tensor([e[2] for e in ex])}
+
+
+class FinetuneObjective:
+    """L3 = L2 + λ·L1: the task's cross-entropy plus λ times the LM loss on the task's input."""
+
+    def __init__(self, train: TaskData, val: TaskData, lm_coef: float, seed: int, n_labels: int, kind: str):
+        self.train, self.val, self.lm_coef, self.seed, self.n_labels = train, val, lm_coef, seed, n_labels
+        self.choices = kind == "multiple_choice"
+
+    def train_batch(self, step: int, n: int) -> dict:
+        # epochs over the training set, reshuffled each epoch; a pure function of step
+        N = len(self.train)
+        idx = np.arange(step * n, (step + 1) * n)
+        order = {e: np.random.default_rng((self.seed, int(e))).permutation(N) for e in np.unique(idx // N)}
+        return self.train.batch([int(order[i // N][i % N]) for i in idx])
+
+    def weight(self, micro: dict) -> int:
+        return len(micro["label"])
+
+    def loss(self, model, micro: dict):
+        use_lm = self.lm_coef > 0
+        logits, lm = model(micro["ids"], micro["extract"], micro["lm_row"] if use_lm else None)
+        if self.choices:  # answers a record lacks (fewer choices than the widest record) get no mass
+            logits = logits.masked_fill(~micro["choice_mask"], float("-inf"))
+        l2 = F.cross_entropy(logits.float(), micro["label"])
+        metrics = {"task_loss": l2.detach(), "accuracy": (logits.argmax(-1) == micro["label"]).float().mean(),
+                   "tokens": int((micro["ids"] != self.train.pad).sum())}
+        if not use_lm:
+            return l2, metrics
+        l1 = F.cross_entropy(lm.flatten(0, 1).float(), micro["lm_target"].flatten(), ignore_index=-100)
+        metrics["lm_loss"] = l1.detach()
+        return l2 + self.lm_coef * l1, metrics
+
+    def evaluate(self, model) -> dict:
+        m = scores(predict_logits(model, self.val), self.val, self.n_labels)
+        return {"val_accuracy": m["accuracy"]}
+
+
+@torch.no_grad()
+def predict_logits(model: TaskModel, data: TaskData, batch_size: int = 32) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(data), batch_size):
+        b = data.batch(range(i, min(i + batch_size, len(data))))
+        logits, _ = model(b["ids"].to(device), b["extract"].to(device))
+        if model.kind == "multiple_choice":
+            logits = logits.masked_fill(~b["choice_mask"].to(device), float("-inf"))
+        out.append(logits.float().cpu())
+    model.train(was)
+    return torch.cat(out)
+
+
+def scores(logits: torch.Tensor, data: TaskData, n_labels: int) -> dict:
+    y = torch.tensor([e[2] for e in data.examples])
+    pred = logits.argmax(-1)
+    out = {"accuracy": (pred == y).float().mean().item(), "n": len(y)}
+    if n_labels == 2:  # F1 of the positive class (the second label in sorted order)
+        tp = ((pred == 1) & (y == 1)).sum().item()
+        fp = ((pred == 1) & (y == 0)).sum().item()
+        fn = ((pred == 0) & (y == 1)).sum().item()
+        out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
+    return out
+
+
+# ---------------------------------------------------------------- running
+
+def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_path: Path, val_path: Path,
+             test_path: Path | None = None, init: Path | None = None, model_cfg=None, lm_coef: float | None = None,
+             desc: str = "finetune") -> dict:
+    """Fine-tune from a pretrained stage folder `init` (or from scratch with `model_cfg`); returns the summary."""
+    lm_coef = cfg.lm_coef if lm_coef is None else lm_coef
+    torch.manual_seed(cfg.train.seed)
+    gpt = load_model(init) if init is not None else GPT(model_cfg)
+    gpt.train()
+    max_len = min(cfg.max_len or gpt.cfg.n_ctx, gpt.cfg.n_ctx)
+    encoder = TaskEncoder(tok, kind, max_len, cfg.truncate)
+    train_records = read_task_records(train_path, kind)
+    labels = list(range(max(len(r["choices"]) for r in train_records))) if kind == "multiple_choice" else label_set(train_records, train_path)
+    train = TaskData(train_records, encoder, labels, train_path)
+    val = TaskData(read_task_records(val_path, kind), encoder, labels, val_path)
+    n_labels = len(labels)
+    model = TaskModel(gpt, kind, n_labels, cfg.head_dropout)
+    steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.train.batch_size))
+    train_cfg = dataclasses.replace(cfg.train, steps=steps, warmup_steps=max(1, round(cfg.warmup_fraction * steps)),
+                                    ckpt_every=min(cfg.train.ckpt_every, steps))
+    task_meta = {"kind": kind, "labels": labels, "max_len": max_len, "truncate": cfg.truncate}
+    meta = {**gpt.metadata(), "gptstack.task": json.dumps(task_meta)}
+    objective = FinetuneObjective(train, val, lm_coef, train_cfg.seed, n_labels, kind)
+    trainer = Trainer(train_cfg, model, objective, out, metadata=meta, desc=desc)
+    summary = trainer.fit()
+    if not trainer.is_main:
+        return {}
+    result = {"kind": kind, "labels": labels, "lm_coef": lm_coef, "n_train": len(train), "steps": steps,
+              "val": scores(predict_logits(trainer.model, val), val, n_labels),
+              "truncated": train.truncated + val.truncated, "seconds": summary.get("seconds")}
+    if test_path is not None:
+        test = TaskData(read_task_records(test_path, kind), encoder, labels, test_path)
+        result["test"] = scores(predict_logits(trainer.model, test), test, n_labels)
+        result["truncated"] += test.truncated
+    if result["truncated"]:
+        print(f"[{desc}] note: {result['truncated']} inputs were longer than {max_len} tokens and were cut on the {cfg.truncate}")
+    atomic_write_json(out / "summary.json", result)
+    return result
+
+
+def load_task_model(where: Path, device="cpu") -> tuple[TaskModel, dict]:
+    from ..checkpoint import model_path
+    path = model_path(where)
+    state, meta = read_weights(path)
+    if "gptstack.task" not in meta:
+        raise GptstackError(f"{path}: not a fine-tuned task model (no task in its header)")
+    task = json.loads(meta["gptstack.task"])
+    n_labels = len(task["labels"])
+    model = TaskModel(GPT(GPT.config_from_metadata(meta)), task["kind"], n_labels, 0.0)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), task
+
+
+def predict(model_dir: Path, tok: Tokenizer, data_path: Path) -> list[dict]:
+    """Each record with its predicted label and the probabilities of every label (or choice)."""
+    model, task = load_task_model(model_dir)
+    records = read_task_records(data_path, task["kind"], labelled=False)
+    data = TaskData(records, TaskEncoder(tok, task["kind"], task["max_len"], task["truncate"]), None, data_path)
+    probs = predict_logits(model, data).softmax(-1)
+    out = []
+    for rec, p in zip(records, probs):
+        rec = {k: v for k, v in rec.items() if k != "_line"}
+        if task["kind"] == "multiple_choice":
+            rec["prediction"] = int(p.argmax())
+            rec["probabilities"] = [round(float(x), 4) for x in p[:len(rec["choices"])]]
+        else:
+            rec["prediction"] = task["labels"][int(p.argmax())]
+            rec["probabilities"] = {str(l): round(float(x), 4) for l, x in zip(task["labels"], p)}
+        out.append(rec)
+    return out
+
+
+def run_finetune_stage(cfg, run: Path, tok: Tokenizer, log=print) -> dict:
+    """Every built-in task: fine-tuned from the pretrained model, and for the report the same recipe
+    from a random initialisation and with λ = 0."""
+    from ..world.tasks import TASKS, build_tasks
+    f = cfg.finetune
+    unknown = [t for t in f.tasks if t not in TASKS]
+    if unknown:
+        raise GptstackError(f"config 'finetune.tasks': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    info = build_tasks(run / "finetune" / "data", seed=f.train.seed)
+    pretrained = run / "pretrain"
+    results = {}
+    for task in f.tasks:
+        kind, files = info[task]["kind"], {k: Path(v) for k, v in info[task]["files"].items()}
+        variants = {"pretrained": (pretrained, f.lm_coef)}
+        if f.baselines:
+            variants |= {"scratch": (None, f.lm_coef), "lambda0": (pretrained, 0.0)}
+        got = {}
+        for name, (init, lm_coef) in variants.items():
+            log(f"[finetune] {task} ({kind}), {name}")
+            got[name] = finetune(f, kind, tok, run / "finetune" / task / name, files["train"], files["val"], files["test"],
+                                 init=init, model_cfg=cfg.model, lm_coef=lm_coef, desc=f"{task}/{name}")
+        main = got["pretrained"]
+        if not main:  # a rank other than 0 under torchrun: it trained alongside, rank 0 reports
+            continue
+        row = {"kind": kind, "chance": info[task]["chance"], "accuracy": main["test"]["accuracy"],
+               "val_accuracy": main["val"]["accuracy"], "n_train": main["n_train"], "n_test": main["test"]["n"],
+               "labels": main["labels"], "truncated": main["truncated"]}
+        if "f1" in main["test"]:
+            row["f1"] = main["test"]["f1"]
+        if f.baselines:
+            row["from_scratch_accuracy"] = got["scratch"]["test"]["accuracy"]
+            row["lambda0_accuracy"] = got["lambda0"]["test"]["accuracy"]
+        results[task] = row
+    if dist_env()[0] != 0:
+        return {}
+    summary = {"finetune": results}
+    atomic_write_json(run / "finetune" / "summary.json", summary)
+    return summary
