@@ -1,4 +1,4 @@
-"""Measured matmul peak of this machine, for MFU. Measured once, cached per device/dtype/threads."""
+"""Measured matmul peak of this machine, for MFU: the best measurement so far, per device/dtype/threads."""
 from __future__ import annotations
 
 import json
@@ -46,9 +46,14 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 0, s
     return 2 * n**3 / best
 
 
+_measured: dict[str, float] = {}  # this process's measurement per key
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     """The peak for `dtype` under the process's current fp32 matmul mode (TF32 or not, see
-    train.trainer.use_matmul_precision)."""
+    train.trainer.use_matmul_precision): the best of every measurement on this machine so far.
+    Each process measures once, because a measurement taken while other processes load the
+    machine comes out low and would make MFU read above 100%; the cache keeps the maximum."""
     mode = torch.get_float32_matmul_precision() if dtype == torch.float32 else ""
     key = f"{device_name(device)}|{dtype}{'|' + mode if mode else ''}|torch{torch.__version__}"
     path = cache_dir() / "peak_flops.json"
@@ -56,10 +61,12 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
         table = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         table = {}
-    if key not in table:
-        table[key] = measure_matmul_flops(device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
-    return table[key]
+    if key not in _measured:
+        _measured[key] = measure_matmul_flops(device, dtype, seconds=0.3)
+        if _measured[key] > table.get(key, 0.0):
+            table[key] = _measured[key]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table, indent=1))
+            os.replace(tmp, path)
+    return max(table.get(key, 0.0), _measured[key])
