@@ -5,11 +5,11 @@
 
 Each precision is one pretraining run through gptstack's own stage code (train.lm.run_pretrain:
 the Trainer, data pipeline and schedule users get), with the same tokenizer, seed and batches,
-logging the training loss at every step. The first
-precision is the baseline. Per-step losses are noisy (each step sees a new batch), so the curves
-are compared after a trailing moving average over `--window` steps: the figure is the largest
-relative difference |loss_p - loss_base| / loss_base over the run. The final val loss and tokens/s
-of each run are reported too. The last line of stdout is one JSON object.
+logging the training loss at every step. The first precision is the baseline. Per-step losses
+are noisy (each step sees a new batch), so the curves are compared after a trailing moving
+average over `--window` steps: the figure is the largest relative difference
+|loss_p - loss_base| / loss_base over the run. The final val loss and tokens/s of each run are
+reported too. The last line of stdout is one JSON object.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ def train_losses(stage: Path) -> list[float]:
 
 
 def moving_average(xs: list[float], window: int) -> list[float]:
-    return [sum(xs[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(xs))]
+    """The mean of the last `window` values at each step (of fewer at the start)."""
+    recent = [xs[max(0, i - window + 1):i + 1] for i in range(len(xs))]
+    return [sum(r) / len(r) for r in recent]
 
 
 def max_relative_difference(a: list[float], base: list[float]) -> float:

@@ -32,14 +32,7 @@ import torch.nn.functional as F
 from gptstack.config import ModelConfig, resolve
 from gptstack.model import GPT
 from gptstack.perf import device_name, matmul_dtype, measure_matmul_flops
-from gptstack.train.trainer import autocast, resolve_precision, use_matmul_precision
-
-MODELS = ("ours", "reference")
-
-
-def build_ours(cfg: ModelConfig):
-    return GPT(cfg)
-
+from gptstack.train.trainer import PRECISIONS, autocast, resolve_precision, use_matmul_precision
 
 def build_reference(cfg: ModelConfig):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -62,12 +55,15 @@ def reference_loss(model, x, y):
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
 
+MODELS = {"ours": (GPT, ours_loss), "reference": (build_reference, reference_loss)}
+
+
 class Runner:
     """One model in one mode: its AdamW and its training step."""
 
     def __init__(self, which: str, cfg: ModelConfig, precision: str, compiled: bool, device):
         torch.manual_seed(0)
-        build, self.loss_fn = (build_ours, ours_loss) if which == "ours" else (build_reference, reference_loss)
+        build, self.loss_fn = MODELS[which]
         self.model = build(cfg).to(device)
         self.device, self.precision = device, precision
         self.forward = torch.compile(self.model) if compiled else self.model
@@ -100,12 +96,12 @@ def sync(device):
 
 def parse_mode(mode: str, device) -> tuple[str, bool]:
     precision, _, extra = mode.partition("+")
-    if precision not in ("fp32", "fp32-tf32", "bf16", "auto") or extra not in ("", "compile"):
-        raise SystemExit(f"unknown mode {mode!r}: fp32, fp32-tf32, bf16 or auto, optionally with +compile")
+    if precision not in PRECISIONS or extra not in ("", "compile"):
+        raise SystemExit(f"unknown mode {mode!r}: one of {', '.join(PRECISIONS)}, optionally with +compile")
     return resolve_precision(precision, device), extra == "compile"
 
 
-def measure(modes: list[str], cfg: ModelConfig, args, device, x, y) -> tuple[dict, dict]:
+def measure(modes: list[str], cfg: ModelConfig, args, device, x, y) -> tuple[dict, dict, dict]:
     """tokens/s of every (mode, model) in every round, each one's warm-up seconds, and the matmul
     peak of each precision in use."""
     def peak_of(precision: str) -> float:
@@ -171,7 +167,7 @@ def main():
         run = resolve(args.preset)
         cfg = run.model
         args.batch = args.batch or run.pretrain.micro_batch_size or run.pretrain.batch_size
-    else:  # the issue's CPU benchmark config
+    else:  # the shape of the `mini` preset (nanoGPT's baby GPT)
         cfg = ModelConfig(n_layer=6, n_embd=384, n_head=6, n_ctx=256, vocab_size=8192)
     for name, value in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head),
                         ("n_ctx", args.seq_len), ("vocab_size", args.vocab)):
