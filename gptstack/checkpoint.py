@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -90,7 +89,3 @@ def path_sha256(path: Path) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
-
-
-def config_json(meta: dict[str, str]) -> dict:
-    return json.loads(meta.get("gptstack.model_config", "{}"))

@@ -20,7 +20,7 @@ from .data.tokens import is_val
 from .errors import GptstackError
 from .evals.lm import lm_metrics
 from .evals.prompting import run_prompting_stage
-from .io import atomic_write_json, read_json
+from .io import atomic_write_json
 from .tokenizer import Tokenizer
 from .train.distributed import barrier, broadcast_from_main, dist_env, init_distributed
 from .train.finetune import run_finetune_stage
@@ -188,7 +188,3 @@ def _diff(a, b, prefix="") -> list[str]:
 
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0: one copy of every message is enough."""
-
-
-def load_report(run: Path) -> dict:
-    return read_json(Path(run) / "report.json")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -87,11 +87,3 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
-
-    def token_strings(self, ids: Iterable[int]) -> list[str]:
-        return [self.decode([i]) for i in ids]
-
-
-def iter_texts(docs) -> Iterator[str]:
-    for d in docs:
-        yield d.text

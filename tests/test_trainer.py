@@ -1,5 +1,4 @@
 import json
-import math
 import os
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY
 from gptstack.checkpoint import read_weights
 from gptstack.config import DataConfig, SourceConfig, TrainConfig, resolve
 from gptstack.data.loader import build_sampler
@@ -22,7 +21,6 @@ from gptstack.train.trainer import Trainer, lr_at
 
 @pytest.fixture(scope="module")
 def sampler(corpus, tmp_path_factory):
-    from gptstack.world.corpus import stdlib_files
     texts = [p.read_text() for p in sorted(corpus.iterdir())]
     tok = Tokenizer.train(texts, vocab_size=512)
     return build_sampler(DataConfig(sources=[SourceConfig(path=str(corpus))]), tok, seq_len=32, seed=0)

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..errors import GptstackError
+
+if TYPE_CHECKING:
+    from ..data.loader import TokenSampler
 
 
 @torch.no_grad()
