@@ -48,8 +48,11 @@ def model_path(where) -> Path:
 
 
 def load_model(where, device="cpu"):
-    """A GPT from RUN/STAGE/model.safetensors; its config travels in the file's header."""
+    """A GPT from RUN/STAGE/model.safetensors; its config travels in the file's header.
+    device="auto": the GPU when there is one (for inference: sampling, evals)."""
     from .model import GPT
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     path = model_path(where)
     state, meta = read_weights(path)
     if "gptstack.model_config" not in meta:

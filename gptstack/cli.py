@@ -117,12 +117,10 @@ def cmd_predict(args):
 
 
 def cmd_sample(args):
-    import torch
     from .checkpoint import find_tokenizer, load_model
     from .generate import generate
     from .tokenizer import Tokenizer
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(args.model, device)
+    model = load_model(args.model, "auto")
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
     prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
     gens = generate(model, [prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -139,14 +137,12 @@ def cmd_eval(args):
     from .data.loader import build_sampler
     from .evals.lm import lm_metrics
     from .tokenizer import Tokenizer
-    import torch
     model_dir = Path(args.model)
     run_cfg = model_dir.parent / "config.yaml"
     cfg = config.load(run_cfg) if run_cfg.is_file() and not args.data else config.resolve("tiny")
     if args.data:
         cfg.data.sources = [_parse_source(s) for s in args.data]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, "auto")
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(model_dir))
     sampler = build_sampler(cfg.data, tok, model.cfg.n_ctx, seed=0)
     print(json.dumps(lm_metrics(model, sampler, tok.vocab_size), indent=1))
@@ -157,17 +153,15 @@ def cmd_eval_prompting(args):
     from .data.tokens import cache_dir
     from .evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
     from .tokenizer import Tokenizer
-    import torch
     try:
         shots = [int(k) for k in args.shots.split(",")]
     except ValueError:
         raise GptstackError(f"--shots '{args.shots}': expected comma-separated integers, e.g. 0,1,8") from None
     tasks = resolve_tasks(args.task or ["cloze", "continuation", "arithmetic", "docstring_name"],
                           cache_dir() / "prompting" / str(args.seed), args.seed)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     results = {}
     for m in args.model:
-        model = load_model(m, device)
+        model = load_model(m, "auto")
         tok = Tokenizer.load(find_tokenizer(m))
         results[str(m)] = sweep(model, tok, tasks, shots, args.limit, args.seed, log=lambda s: print(s, file=sys.stderr))
     if args.plot:

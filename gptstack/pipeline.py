@@ -9,8 +9,6 @@ import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from . import config as configlib
 from .checkpoint import load_model
 from .config import RunConfig, to_dict
@@ -25,6 +23,7 @@ from .tokenizer import Tokenizer
 from .train.distributed import barrier, broadcast_from_main, dist_env, init_distributed
 from .train.finetune import run_finetune_stage
 from .train.lm import fit_vocab, run_pretrain
+from .train.trainer import RESUMABLE_KEYS
 
 STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune"]
 # what `pipeline` runs unless --stages says otherwise; finetune (12 fine-tuning runs: 4 tasks x
@@ -79,8 +78,7 @@ def train_tokenizer(cfg: RunConfig, run: Path) -> dict:
 def eval_lm(cfg: RunConfig, run: Path) -> dict:
     tok = Tokenizer.load(run / "tokenizer.json")
     fit_vocab(cfg, tok)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_model(run / "pretrain", device)
+    model = load_model(run / "pretrain", "auto")
     sampler = build_sampler(cfg.data, tok, cfg.pretrain.seq_len or cfg.model.n_ctx, cfg.pretrain.seed)
     result = {"pretrain": lm_metrics(model, sampler, tok.vocab_size)}
     atomic_write_json(run / "eval" / "summary.json", result)
@@ -155,7 +153,6 @@ def _tokenizer(run: Path) -> Tokenizer:
 # the config sections each stage's output depends on
 STAGE_SECTIONS = {"tokenizer": ("data", "tokenizer"), "pretrain": ("data", "tokenizer", "model", "pretrain"),
                   "eval": ("data", "tokenizer", "model", "pretrain"), "prompting": ("prompting",), "finetune": ("finetune",)}
-RESUMABLE = ("steps", "log_every", "eval_every", "ckpt_every", "keep_checkpoints", "device", "compile", "eval_tokens")
 
 
 def _check_config(cfg: RunConfig, run: Path) -> None:
@@ -167,7 +164,7 @@ def _check_config(cfg: RunConfig, run: Path) -> None:
     old, new = to_dict(configlib.load(path)), to_dict(cfg)
     old["model"]["vocab_size"] = new["model"]["vocab_size"]  # filled in from the tokenizer
     for d in (old, new):
-        for k in RESUMABLE:
+        for k in RESUMABLE_KEYS:
             d["pretrain"].pop(k, None)
     started = [s for s in STAGES if (run / s).exists()]
     for stage in started:

@@ -10,8 +10,6 @@ The three methods delegate to the same scoring code as `gptstack eval prompting`
 """
 from __future__ import annotations
 
-import torch
-
 from ..checkpoint import find_tokenizer, load_model
 from ..errors import GptstackError
 from ..tokenizer import Tokenizer
@@ -29,11 +27,10 @@ except ImportError:  # lm-eval is optional: `pip install lm_eval`
 
 @register_model("gptstack")
 class GptstackLM(LM):
-    def __init__(self, model: str, batch_size: int = 16, device: str | None = None, **kwargs):
+    def __init__(self, model: str, batch_size: int = 16, device: str = "auto", **kwargs):
         if LM is object:
             raise GptstackError("the lm-eval adapter needs lm-evaluation-harness: pip install lm_eval")
         super().__init__()
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model(model, device)
         self.tok = Tokenizer.load(find_tokenizer(model))
         self.batch_size = int(batch_size)

@@ -305,9 +305,8 @@ def run_prompting_stage(cfg, run: Path, tok: Tokenizer, log=print) -> dict:
     from ..checkpoint import load_model
     from ..io import atomic_write_json
     p = cfg.prompting
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     tasks = resolve_tasks(p.tasks, run / "prompting" / "tasks", p.seed)
-    model = load_model(run / "pretrain", device)
+    model = load_model(run / "pretrain", "auto")
     results = sweep(model, tok, tasks, p.shots, p.limit, p.seed, log)
     plot_shots({"pretrain": results}, run / "plots" / "shots.png", CHANCE)
     summary = {"prompting": results}
