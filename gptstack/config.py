@@ -75,6 +75,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp32-tf32 (what each computes: train/trainer.py)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    select_by: str = ""  # an eval metric (higher is better) whose best eval gives the published model; "": the last
     strategy: str = "ddp"  # under torchrun: ddp (a whole model per rank) | fsdp (FSDP2: parameters, gradients, optimizer sharded)
 
 
@@ -105,6 +106,24 @@ class PromptingConfig:
     seed: int = 0  # which few-shot examples each query gets
 
 
+def _sft_train() -> "TrainConfig":
+    return TrainConfig(steps=0, batch_size=32, lr=3e-4, schedule="cosine", min_lr_ratio=0.1, warmup_steps=20,
+                       weight_decay=0.0, log_every=10, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
+
+
+@dataclass
+class SFTConfig:
+    data: str = "world"  # "world" (the instruction suite's demonstrations) or a JSONL file of SFT records
+    val_data: str = ""  # held-out records (default: every 10th record of `data`; world: 5% of its demonstrations)
+    demonstrations: int = 4000  # world: how many
+    shares: dict[str, float] = field(default_factory=dict)  # world: demonstrator -> share ({}: the world's mix)
+    eval_prompts: int = 200  # world: held-out prompts (unseen templates) for the gold-labeler eval
+    max_new_tokens: int = 64
+    epochs: float = 2.0  # when train.steps is 0
+    seed: int = 0
+    train: TrainConfig = field(default_factory=_sft_train)
+
+
 @dataclass
 class RunConfig:
     preset: str = ""
@@ -114,6 +133,7 @@ class RunConfig:
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 # ---------------------------------------------------------------- dict <-> dataclass

@@ -3,12 +3,14 @@
 Prompts of different lengths are left-padded; each row gets its own positions
 and an attention mask that hides its padding. Returns the sampled tokens, their
 log-probabilities under the sampling distribution (logits / temperature), and
-whether a stop token ended them. Used by sampling, evals, comparisons, PPO
+whether a stop token or stop string ended them. `on_token(row, token)` streams each new token
+as it is sampled. Used by sampling, evals, comparisons, PPO
 rollouts, chat and serving alike.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from .model import GPT, KVCache
 class Generation:
     tokens: list[int] = field(default_factory=list)  # new tokens, the stop token included if one was hit
     logprobs: list[float] = field(default_factory=list)
-    finished: bool = False  # ended by a stop token (not by the length limit)
+    finished: bool = False  # ended by a stop token or stop string (not by the length limit)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -39,9 +41,13 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
-             seed: int | None = None) -> list[Generation]:
+             seed: int | None = None, stop_strings: tuple[str, ...] = (),
+             decode: Callable[[list[int]], str] | None = None,
+             on_token: Callable[[int, int], None] | None = None) -> list[Generation]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    if stop_strings and decode is None:
+        raise ValueError("stop strings need `decode` to see the text")
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
@@ -80,10 +86,19 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
             logp = F.log_softmax(logits, dim=-1)
             tok = logits.argmax(-1)
         tok_lp = logp.gather(1, tok[:, None]).squeeze(1)
+        stopped_by_text = []
         for i in (~done).nonzero().flatten().tolist():
             out[i].tokens.append(int(tok[i]))
             out[i].logprobs.append(float(tok_lp[i]))
+            if on_token is not None:
+                on_token(i, int(tok[i]))
+            if stop_strings and any(s in decode(out[i].tokens[-32:]) for s in stop_strings):
+                stopped_by_text.append(i)
         done |= torch.isin(tok, stops)
+        if stopped_by_text:
+            for i in stopped_by_text:
+                out[i].finished = True
+            done[stopped_by_text] = True
         if done.all() or t == max_new_tokens - 1:
             break
         tok = tok.masked_fill(done, pad_id)
@@ -91,7 +106,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
         step_mask = valid[:, None, None, :P + t + 1] if ragged else None
         logits = model.logits(model.hidden(tok[:, None], cache=cache, positions=next_pos[:, None], attn_mask=step_mask)[:, -1]).float()
         next_pos = next_pos + 1
-    for i, g in enumerate(out):
-        g.finished = bool(g.tokens) and g.tokens[-1] in stop_ids
+    for g in out:
+        g.finished = g.finished or (bool(g.tokens) and g.tokens[-1] in stop_ids)
     model.train(was_training)
     return out

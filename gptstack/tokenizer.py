@@ -87,3 +87,45 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    # ---------------------------------------------------------------- the chat template (the only one)
+    #
+    #   <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
+    #
+    # Each turn is its role token, the content's text tokens, and <|end|>. Content is encoded as text,
+    # so a message cannot forge a turn. For generation the template ends with an open <|assistant|>,
+    # and the model's <|end|> closes its turn.
+
+    def render_chat(self, messages: list[dict], for_generation: bool = False) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation and, for training, which of them are the assistant's to learn
+        (its content and the <|end|> that closes it; never the role token)."""
+        ids, learn = [], []
+        end = self.special["<|end|>"]
+        for m in messages:
+            role = m["role"]
+            if role not in CHAT_ROLES:
+                raise GptstackError(f"unknown chat role {role!r} (roles: {', '.join(CHAT_ROLES)})")
+            body = self.encode(m["content"]) + [end]
+            ids += [self.special[f"<|{role}|>"]] + body
+            learn += [False] + [role == "assistant"] * len(body)
+        if for_generation:
+            ids.append(self.special["<|assistant|>"])
+            learn.append(False)
+        return ids, learn
+
+    def parse_chat(self, ids: list[int]) -> list[dict]:
+        """The turns of rendered token ids; an unclosed last turn (a cut-off answer) is kept as it is."""
+        roles = {self.special[f"<|{r}|>"]: r for r in CHAT_ROLES}
+        end = self.special["<|end|>"]
+        turns, role, body = [], None, []
+        for i in list(ids) + [end]:
+            if i in roles or i == end:
+                if role is not None:
+                    turns.append({"role": role, "content": self.decode(body)})
+                role, body = roles.get(i), []
+            elif role is not None:
+                body.append(i)
+        return turns
+
+
+CHAT_ROLES = ("system", "user", "assistant")

@@ -60,3 +60,58 @@ def label_set(records: list[dict], path: Path) -> list:
     if len(labels) < 2:
         raise GptstackError(f"{path}: only one label ({next(iter(labels))!r}); a classifier needs at least two")
     return sorted(labels)
+
+
+# ---------------------------------------------------------------- SFT demonstrations
+
+SFT_FORMATS = "{messages: [{role, content}, ...]}, {prompt, response[, system]} or Alpaca {instruction, input, output}"
+
+
+def read_sft_records(path: Path) -> list[list[dict]]:
+    """Conversations (lists of {role, content}) from any of the SFT formats; each must end with an
+    assistant turn, which is what SFT learns."""
+    out = []
+    for lineno, rec in iter_jsonl(path):
+        out.append(sft_messages(rec, path, lineno))
+    if not out:
+        raise GptstackError(f"{path}: no records")
+    return out
+
+
+def sft_messages(rec: dict, path, lineno) -> list[dict]:
+    def text(field: str, optional: bool = False) -> str | None:
+        if field not in rec:
+            if optional:
+                return None
+            raise GptstackError(f"{where(path, lineno, field)} missing (SFT records: {SFT_FORMATS})")
+        if not isinstance(rec[field], str):
+            raise GptstackError(f"{where(path, lineno, field)} must be a string, got {type(rec[field]).__name__}")
+        return rec[field]
+
+    if "messages" in rec:
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise GptstackError(f"{where(path, lineno, 'messages')} must be a non-empty list of {{role, content}}")
+        out = []
+        for i, m in enumerate(msgs):
+            f = f"messages[{i}]"
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise GptstackError(f"{where(path, lineno, f)} needs a string 'content'")
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise GptstackError(f"{where(path, lineno, f + '.role')} must be system, user or assistant, got {m.get('role')!r}")
+            if m["role"] == "system" and i != 0:
+                raise GptstackError(f"{where(path, lineno, f + '.role')} a system message must come first")
+            out.append({"role": m["role"], "content": m["content"]})
+    elif "instruction" in rec:  # Alpaca: the input, if any, follows the instruction in the user turn
+        extra = text("input", optional=True)
+        user = text("instruction") + (f"\n\n{extra}" if extra else "")
+        out = [{"role": "user", "content": user}, {"role": "assistant", "content": text("output")}]
+    elif "prompt" in rec or "response" in rec:
+        system = text("system", optional=True)
+        out = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": text("prompt")}, {"role": "assistant", "content": text("response")}]
+    else:
+        raise GptstackError(f"{where(path, lineno)}: not an SFT record (expected {SFT_FORMATS})")
+    if out[-1]["role"] != "assistant":
+        raise GptstackError(f"{where(path, lineno, 'messages')} must end with an assistant turn (that is what SFT learns)")
+    return out

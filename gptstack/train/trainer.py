@@ -277,6 +277,7 @@ class Trainer:
         model = torch.compile(self.parallel) if cfg.compile else self.parallel
 
         stats = {k: state.get(k, 0) for k in ("tokens", "train_seconds", "wall_seconds")}
+        stats["best"] = state.get("best")
         initial = state.get("initial_eval") or self._main_eval()
         if start == 0 and self.is_main:
             append_jsonl(self.metrics_path, {"event": "eval", "step": 0, **initial})
@@ -328,13 +329,18 @@ class Trainer:
                     row = self._main_eval()
                     if self.is_main:
                         append_jsonl(self.metrics_path, {"event": "eval", "step": done, **row})
+                    self._select(done, row, stats)
                     stats["wall_seconds"] += time.perf_counter() - t1
                 stopping = any_rank(self._stop is not None)  # every rank saves and stops at the same step
                 if stopping or done % cfg.ckpt_every == 0 or done == cfg.steps:
                     final = self._main_eval() if done == cfg.steps else None
-                    if final is not None and self.is_main:
-                        append_jsonl(self.metrics_path, {"event": "eval", "step": done, **final})
+                    if final is not None:
+                        if self.is_main:
+                            append_jsonl(self.metrics_path, {"event": "eval", "step": done, **final})
+                        self._select(done, final, stats)
                     summary = self._summary(stats, initial, final, last, fpt, peak) if final is not None else {}
+                    if summary and stats["best"]:
+                        summary["selected"] = stats["best"]
                     ck = self._save(done, optimizer, {**stats, "initial_eval": initial, "summary": summary})
                     if stopping:
                         bar.close()
@@ -344,6 +350,22 @@ class Trainer:
         if self.is_main:
             self._publish(self._checkpoints()[-1])
         return summary
+
+    def _select(self, step: int, row: dict, stats: dict) -> None:
+        """With `select_by`, keep the weights of the best eval so far in best/ (published at the end)."""
+        key = self.cfg.select_by
+        if not key:
+            return
+        if self.is_main and key not in row:
+            raise GptstackError(f"config 'select_by': the eval reports no {key!r} (it reports {', '.join(row) or 'nothing'})")
+        best = stats["best"]
+        better = any_rank(self.is_main and (best is None or row[key] > best["value"]))
+        if not better:
+            return
+        weights = whole_state_dict(self.model)
+        if self.is_main:
+            save_state_dict(weights, self.out / "best" / "model.safetensors", self.metadata)
+            stats["best"] = {"step": step, "metric": key, "value": row[key]}
 
     def _step(self, model, step: int) -> tuple[float, int, dict]:
         """Forward/backward over the accumulation micro-batches of one optimizer step."""
@@ -383,16 +405,19 @@ class Trainer:
                 "precision": self.precision, "device": str(self.device), "world_size": self.world}
 
     def _publish(self, ck: Path) -> None:
-        """The stage's final files: the last checkpoint, linked (or copied) beside it."""
+        """The stage's final files: the last checkpoint, linked (or copied) beside it; with `select_by`,
+        the model is the best eval's (the optimizer and trainer state stay the last step's, for resuming)."""
+        best = self.out / "best" / "model.safetensors"
         for name in ("model.safetensors", self.optim_name, "trainer_state.json"):
+            src = best if name == "model.safetensors" and self.cfg.select_by and best.exists() else ck / name
             tmp = self.out / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.unlink(missing_ok=True)
-            if (ck / name).is_dir():  # FSDP's sharded optimizer state
-                shutil.copytree(ck / name, tmp, copy_function=_link_or_copy)
+            if src.is_dir():  # FSDP's sharded optimizer state
+                shutil.copytree(src, tmp, copy_function=_link_or_copy)
                 atomic_replace_dir(tmp, self.out / name)
             else:
-                _link_or_copy(ck / name, tmp)
+                _link_or_copy(src, tmp)
                 os.replace(tmp, self.out / name)
 
 
