@@ -125,6 +125,42 @@ class SFTConfig:
 
 
 @dataclass
+class ScaleRung:
+    """One model size of a scaling ladder: explicit n_layer x n_embd, or a preset's shape."""
+    n_layer: int = 0
+    n_embd: int = 0
+    preset: str = ""
+
+
+@dataclass
+class ScaleConfig:
+    """The scaling ladder (`gptstack scale`, the `scale` stage; see gptstack/ladder.py). Every rung is a normal
+    pretrain run on `data` with the pretrain recipe below, in its own run folder under RUN/scale/rungs/."""
+    vocab_size: int = 1024  # the ladder's own tokenizer: a small vocabulary keeps embeddings from dominating
+    n_ctx: int = 128
+    head_dim: int = 16  # n_head = n_embd / head_dim
+    rungs: list[ScaleRung] = field(default_factory=lambda: [ScaleRung(2, 48), ScaleRung(3, 48), ScaleRung(2, 64), ScaleRung(4, 48)])
+    widths: list[int] = field(default_factory=list)  # instead of rungs: n_layer = max(min_layers, round(width / aspect))
+    aspect: float = 24.0
+    min_layers: int = 2
+    target: ScaleRung = field(default_factory=lambda: ScaleRung(4, 96))  # the big run, predicted before it trains
+    tokens_per_param: float = 40.0  # D = tokens_per_param x N, N without embeddings
+    seeds: int = 2  # runs per fitted rung (the target runs once)
+    compute: str = "non_embedding"  # the C the fit uses: non_embedding (Kaplan) | total (with the tied unembedding)
+    max_compute_ratio: float = 0.1  # every fitted rung has at most this share of the target's compute
+    chinchilla_tokens_per_param: list[float] = field(default_factory=lambda: [10.0, 80.0])  # extra runs for L(N, D)
+    chinchilla_rungs: int = 2  # ... of this many of the smallest rungs, one seed each
+    batch_size: int = 16
+    lr: float = 3.0e-3
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+    huber_delta: float = 1.0e-3
+    bootstrap: int = 200
+    interval: float = 0.9  # central bootstrap interval of the prediction
+    capability_queries: int = 500  # identifier-completion queries from held-out code (the capability law)
+
+
+@dataclass
 class RunConfig:
     preset: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +170,7 @@ class RunConfig:
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
 
 
 # ---------------------------------------------------------------- dict <-> dataclass
