@@ -100,6 +100,39 @@ def cmd_finetune(args):
     print(json.dumps({k: result[k] for k in ("labels", "val", "test") if k in result}))
 
 
+def cmd_sft(args):
+    from . import config
+    from .checkpoint import find_tokenizer
+    from .tokenizer import Tokenizer
+    from .train.sft import run_sft
+    overrides = list(args.overrides) + ([f"sft.data={args.data}"] if args.data else [])
+    cfg = config.resolve(args.preset, args.config, overrides)
+    tok = Tokenizer.load(find_tokenizer(args.init))
+    out = Path(args.out) if args.out else Path(args.init).parent / "sft"
+    if not (out.parent / "tokenizer.json").is_file():
+        tok.save(out / "tokenizer.json")  # chat and the later stages find it beside the model
+    r = run_sft(cfg, Path(args.init), out, tok).get("sft", {})
+    print(f"model: {out / 'model.safetensors'}")
+    if "accuracy" in r:
+        print(f"held-out: accuracy {r['accuracy']:.3f} (pretrained {r['base_accuracy']:.3f}), "
+              f"gold score {r['gold_score']:.3f} (pretrained {r['base_gold_score']:.3f})")
+        for fam, row in r["by_family"].items():
+            print(f"  {fam:<12} accuracy {row['accuracy']:.3f} (pretrained {r['base_by_family'][fam]['accuracy']:.3f})")
+
+
+def cmd_chat(args):
+    from .chat import chat
+    from .checkpoint import find_tokenizer, load_model
+    from .tokenizer import Tokenizer
+    try:
+        import readline  # noqa: F401  line editing and history for input()
+    except ImportError:
+        pass
+    model = load_model(args.model, "auto")
+    tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
+    chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p, args.seed)
+
+
 def cmd_predict(args):
     import json
     from .checkpoint import find_tokenizer
@@ -122,13 +155,19 @@ def cmd_sample(args):
     from .tokenizer import Tokenizer
     model = load_model(args.model, "auto")
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
-    prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
+    if args.chat:  # the prompt is a user turn; the model writes the assistant's
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        prompt = tok.render_chat(system + [{"role": "user", "content": args.prompt}], for_generation=True)[0]
+        stops, shown = (tok.special["<|end|>"], tok.eot), ""
+    else:
+        prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
+        stops, shown = (tok.eot,), args.prompt
     gens = generate(model, [prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                    stop_ids=(tok.eot,), pad_id=tok.pad, seed=args.seed)
+                    stop_ids=stops, pad_id=tok.pad, seed=args.seed, stop_strings=tuple(args.stop), decode=tok.decode)
     for i, g in enumerate(gens):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
-        print(args.prompt + tok.decode(g.tokens, skip_special=True))
+        print(shown + tok.decode(g.tokens, skip_special=True))
 
 
 def cmd_eval(args):
@@ -224,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run all stages into one run folder, then write report.md / report.json",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the run folder, e.g. runs/demo")
-    p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval,prompting,finetune, or 'all' "
+    p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval,prompting,finetune,sft, or 'all' "
                    "(default: all but finetune; finished stages are skipped)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
@@ -269,7 +308,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when the sample contains TEXT (repeatable)")
+    p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the chat template (for SFT/RLHF models)")
+    p.add_argument("--system", help="with --chat: a system message")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sft", help="instruction tuning (InstructGPT step 1): loss on the assistant's tokens only",
+                       epilog="records (JSONL): {messages: [{role, content}, ...]}, {prompt, response[, system]} or "
+                              "Alpaca {instruction, input, output}; or `world` for the built-in instruction suite "
+                              "(its held-out gold-labeler eval then picks the best checkpoint). "
+                              "Settings: sft.epochs, sft.train.lr, sft.train.batch_size, sft.demonstrations, ...")
+    p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
+    p.add_argument("--data", help="SFT records (JSONL) or 'world' (default: the preset's sft.data, world)")
+    p.add_argument("--out", help="output folder (default: sft/ beside the --from folder)")
+    p.add_argument("--preset", default="tiny", help="preset whose sft.* settings to use (default: tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sft.train.lr=1e-4 sft.val_data=val.jsonl")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("chat", help="talk to a model in the terminal, streamed; /system, /reset, /quit")
+    p.add_argument("--model", required=True, help="RUN/STAGE folder, e.g. runs/demo/sft")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
+    p.add_argument("--system", help="system message that sets the assistant's behaviour")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("eval", help="evaluate a model")
     esub = p.add_subparsers(dest="kind", required=True, metavar="KIND")

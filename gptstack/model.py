@@ -61,6 +61,8 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
         elif k.size(2) == T:  # no earlier positions: plain causal (flash kernels on GPU)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        elif T == 1:  # one new token after the cache: it sees every position, no mask to build
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         else:  # T new queries after k.size(2) - T cached positions
             past = k.size(2) - T
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)

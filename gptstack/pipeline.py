@@ -23,12 +23,13 @@ from .tokenizer import Tokenizer
 from .train.distributed import barrier, broadcast_from_main, dist_env, init_distributed
 from .train.finetune import run_finetune_stage
 from .train.lm import fit_vocab, run_pretrain
+from .train.sft import run_sft
 from .train.trainer import RESUMABLE_KEYS
 
-STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune"]
+STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft"]
 # what `pipeline` runs unless --stages says otherwise; finetune (12 fine-tuning runs: 4 tasks x
 # pretrained / from scratch / λ = 0) is opt-in while it costs more than the rest of the demo together
-DEFAULT_STAGES = ["tokenizer", "pretrain", "eval", "prompting"]
+DEFAULT_STAGES = ["tokenizer", "pretrain", "eval", "prompting", "sft"]
 
 
 def stage_done(run: Path, stage: str) -> bool:
@@ -134,6 +135,8 @@ def run_pipeline(cfg: RunConfig, run: Path, stages: list[str] | None = None, log
                 tok = _tokenizer(run)
                 fit_vocab(cfg, tok)
                 run_finetune_stage(cfg, run, tok, log)
+            elif stage == "sft":
+                run_sft(cfg, run / "pretrain", run / "sft", _tokenizer(run), log)
     except GptstackError:
         if created and rank == 0 and not any(stage_done(run, s) for s in STAGES):
             shutil.rmtree(run, ignore_errors=True)  # never leave a half-written run folder behind
@@ -152,7 +155,8 @@ def _tokenizer(run: Path) -> Tokenizer:
 
 # the config sections each stage's output depends on
 STAGE_SECTIONS = {"tokenizer": ("data", "tokenizer"), "pretrain": ("data", "tokenizer", "model", "pretrain"),
-                  "eval": ("data", "tokenizer", "model", "pretrain"), "prompting": ("prompting",), "finetune": ("finetune",)}
+                  "eval": ("data", "tokenizer", "model", "pretrain"), "prompting": ("prompting",), "finetune": ("finetune",),
+                  "sft": ("sft",)}
 
 
 def _check_config(cfg: RunConfig, run: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import deep_merge
 from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 
-STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune"]
+STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft"]
 
 
 def collect(run: Path) -> dict:
@@ -47,11 +47,75 @@ def plot_loss(run: Path) -> Path | None:
     return out
 
 
+def plot_sft(run: Path, report: dict) -> Path | None:
+    """Held-out correctness accuracy by family: the pretrained model (same template) against SFT."""
+    r = report.get("sft", {})
+    if "by_family" not in r:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fams = list(r["by_family"])
+    x = range(len(fams))
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(fams) + 2), 3.8))
+    ax.bar([i - 0.2 for i in x], [r["base_by_family"][f]["accuracy"] for f in fams], 0.4, label="pretrained (prompted)")
+    ax.bar([i + 0.2 for i in x], [r["by_family"][f]["accuracy"] for f in fams], 0.4, label="SFT")
+    ax.set_xticks(list(x), fams, rotation=30, ha="right")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("instruction following on unseen templates")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    out = run / "plots" / "sft.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def sft_markdown(run: Path, r: dict) -> list[str]:
+    lines = ["## Instruction tuning (SFT: loss on the assistant's tokens only)", ""]
+    if "by_family" not in r:
+        return lines + [f"{r['demonstrations']:,} demonstrations, {r['steps']} steps; val loss {_f(r['val_loss'])}.", ""]
+    sel = r.get("selected") or {}
+    lines += [f"{r['demonstrations']:,} demonstrations from the world's demonstrators, {r['steps']} steps "
+              f"({r['train_seconds']:.0f} s){f'; kept step {sel['step']} (best held-out {sel['metric']})' if sel else ''}. "
+              f"Held out: {r['n']} prompts of templates never trained on, answered greedily and scored by the gold labeler. "
+              "The pretrained model gets the same chat template.", "",
+              "| figure | pretrained | SFT |", "|---|---|---|",
+              f"| accuracy (right answer, any style) | {r['base_accuracy']:.3f} | **{r['accuracy']:.3f}** |",
+              f"| gold score | {r['base_gold_score']:.3f} | **{r['gold_score']:.3f}** |",
+              f"| refusal rate, disallowed | {r['base_refusal_rate_disallowed']:.3f} | {r['refusal_rate_disallowed']:.3f} |",
+              f"| refusal rate, allowed | {r['base_refusal_rate_allowed']:.3f} | {r['refusal_rate_allowed']:.3f} |",
+              f"| desired refusal style (share of refusals) | | {r['refusal_style_desired_rate']:.3f} |", "",
+              "| family | n | pretrained | SFT |", "|---|---|---|---|"]
+    lines += [f"| {f} | {row['n']} | {r['base_by_family'][f]['accuracy']:.3f} | {row['accuracy']:.3f} |"
+              for f, row in r["by_family"].items()]
+    lines.append("")
+    if (run / "plots" / "sft.png").is_file():
+        lines += ["![accuracy by family](plots/sft.png)", ""]
+    samples = read_jsonl_loose(run / "sft" / "samples.jsonl")
+    seen, shown = set(), []
+    for s in samples:  # one conversation per family
+        if s["family"] not in seen:
+            seen.add(s["family"])
+            shown.append(s)
+    if shown:
+        lines += ["### Sample conversations (SFT, greedy)", ""]
+        for s in shown:
+            system = f"system: {s['system']}\n" if s.get("system") else ""
+            lines += [f"*{s['family']}*, {'correct' if s['correct'] else 'wrong'} (gold score {s['gold_score']:.2f}):", "",
+                      "```", f"{system}user: {s['prompt']}\nassistant: {s['answer']}", "```", ""]
+    return lines
+
+
 def write_report(run: Path) -> dict:
     run = Path(run)
     report = collect(run)
     atomic_write_json(run / "report.json", report)
     plot = plot_loss(run)
+    plot_sft(run, report)
     atomic_write_text(run / "report.md", render_markdown(run, report, plot))
     return report
 
@@ -120,5 +184,7 @@ def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
             lines.append(f"| {task} | {t['kind']} | {t['chance']:.3f} | **{t['accuracy']:.3f}** | {f1} | "
                          f"{t.get('from_scratch_accuracy', float('nan')):.3f} | {t.get('lambda0_accuracy', float('nan')):.3f} | {t['n_train']} |")
         lines.append("")
+    if "sft" in r:
+        lines += sft_markdown(run, r["sft"])
     lines += ["## report.json", "", "```json", json.dumps(r, indent=1)[:4000], "```", ""]
     return "\n".join(lines)

@@ -115,3 +115,40 @@ def sft_messages(rec: dict, path, lineno) -> list[dict]:
     if out[-1]["role"] != "assistant":
         raise GptstackError(f"{where(path, lineno, 'messages')} must end with an assistant turn (that is what SFT learns)")
     return out
+
+
+# ---------------------------------------------------------------- rankings (reward-model data)
+
+RANKING_FORMATS = "{prompt, responses: [...], ranks: [1, 2, 2, 3]} (1 = best, ties allowed) or pairs {prompt, chosen, rejected}"
+
+
+def read_rankings(path: Path) -> list[dict]:
+    """Rankings as {prompt, system, responses, ranks, _line} (plus any other fields the file carries);
+    a pair {prompt, chosen, rejected} is a ranking of K = 2."""
+    out = []
+    for lineno, rec in iter_jsonl(path):
+        out.append(ranking(rec, path, lineno))
+    if not out:
+        raise GptstackError(f"{path}: no records")
+    return out
+
+
+def ranking(rec: dict, path, lineno) -> dict:
+    for f in ("prompt", "system"):
+        if f in rec and rec[f] is not None and not isinstance(rec[f], str):
+            raise GptstackError(f"{where(path, lineno, f)} must be a string, got {type(rec[f]).__name__}")
+    if not isinstance(rec.get("prompt"), str):
+        raise GptstackError(f"{where(path, lineno, 'prompt')} missing (rankings: {RANKING_FORMATS})")
+    if "chosen" in rec or "rejected" in rec:
+        for f in ("chosen", "rejected"):
+            if not isinstance(rec.get(f), str):
+                raise GptstackError(f"{where(path, lineno, f)} must be a string (a pair has prompt, chosen, rejected)")
+        rec = {**rec, "responses": [rec.pop("chosen"), rec.pop("rejected")], "ranks": [1, 2]}
+    responses, ranks = rec.get("responses"), rec.get("ranks")
+    if not isinstance(responses, list) or len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+        raise GptstackError(f"{where(path, lineno, 'responses')} must be a list of at least two strings (rankings: {RANKING_FORMATS})")
+    if not isinstance(ranks, list) or len(ranks) != len(responses):
+        raise GptstackError(f"{where(path, lineno, 'ranks')} must be a list with one rank per response ({len(responses)})")
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
+        raise GptstackError(f"{where(path, lineno, 'ranks')} must be integers >= 1 (1 = best), got {ranks}")
+    return {**rec, "system": rec.get("system"), "_line": lineno}
