@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -125,7 +126,7 @@ def cmd_chat(args):
     from .checkpoint import find_tokenizer, load_model
     from .tokenizer import Tokenizer
     try:
-        import readline  # noqa: F401  line editing and history for input()
+        importlib.import_module("readline")  # line editing and history for input()
     except ImportError:
         pass
     model = load_model(args.model, "auto")

@@ -79,8 +79,9 @@ def sft_markdown(run: Path, r: dict) -> list[str]:
     if "by_family" not in r:
         return lines + [f"{r['demonstrations']:,} demonstrations, {r['steps']} steps; val loss {_f(r['val_loss'])}.", ""]
     sel = r.get("selected") or {}
+    kept = f"; kept step {sel['step']} (best held-out {sel['metric']})" if sel else ""
     lines += [f"{r['demonstrations']:,} demonstrations from the world's demonstrators, {r['steps']} steps "
-              f"({r['train_seconds']:.0f} s){f'; kept step {sel['step']} (best held-out {sel['metric']})' if sel else ''}. "
+              f"({r['train_seconds']:.0f} s){kept}. "
               f"Held out: {r['n']} prompts of templates never trained on, answered greedily and scored by the gold labeler. "
               "The pretrained model gets the same chat template.", "",
               "| figure | pretrained | SFT |", "|---|---|---|",
