@@ -134,6 +134,17 @@ def cmd_chat(args):
     chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
+def cmd_label(args):
+    from .label import Labeller
+    try:
+        importlib.import_module("readline")
+    except ImportError:
+        pass
+    todo = Path(args.todo)
+    out = Path(args.out) if args.out else todo.with_name(todo.name.replace("_todo", "").replace(".jsonl", "") + "_ranked.jsonl")
+    Labeller(todo, out).run()
+
+
 def cmd_predict(args):
     import json
     from .checkpoint import find_tokenizer
@@ -254,6 +265,29 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def cmd_scale(args):
+    from . import ladder
+    cfg = _resolve(args)
+    run = Path(args.out)
+    if args.action == "plan":
+        print(ladder.plan_table(ladder.plan(cfg), cfg.scale.compute))
+    elif args.action == "run":
+        ladder.run_ladder(cfg, run / "scale", target=not args.no_target)
+        _print_scale(ladder.analyze(cfg, run)["scale"])
+    elif args.action == "fit":
+        _print_scale(ladder.analyze(cfg, run)["scale"])
+    else:
+        print(json.dumps(ladder.predict_compute(run / "scale", args.compute), indent=1))
+
+
+def _print_scale(s):
+    f = s["fit"]
+    print(f"L(C) = {f['a']:.4g}·C^{f['b']:.4f} + {f['c']:.4f} ({s['compute_definition']})")
+    print(f"target {s['target']['name']}: predicted {s['predicted_loss']:.4f} {s['predicted_interval']}"
+          + (f", actual {s['actual_loss']:.4f}, error {s['relative_error']:+.2%}" if "actual_loss" in s else "")
+          + f"; compute ratio {s['compute_ratio']:.1f}")
+
+
 # ---------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sft.train.lr=1e-4 sft.val_data=val.jsonl")
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("label", help="rank K answers per prompt yourself (terminal UI; resumes where you stopped)",
+                       description="Shows each prompt with its answers A, B, C, ... and takes a ranking, best first: "
+                                   "`B > A = C > D` or `BA=CD` (= is a tie). s skips, u undoes, q quits. Each ranking "
+                                   "is saved the moment it is given; rerun to resume.")
+    p.add_argument("todo", help="JSONL of {prompt, [system], responses} (e.g. from `compare --labeler human`)")
+    p.add_argument("--out", help="rankings file to append to (default: beside the to-do file, *_ranked.jsonl)")
+    p.set_defaults(func=cmd_label)
+
     p = sub.add_parser("chat", help="talk to a model in the terminal, streamed; /system, /reset, /quit")
     p.add_argument("--model", required=True, help="RUN/STAGE folder, e.g. runs/demo/sft")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
@@ -370,6 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "decode":
             t.add_argument("ids", nargs="*", help="token ids (default: stdin)")
     p.set_defaults(func=cmd_tokenizer)
+
+    p = sub.add_parser("scale", help="predictable scaling: a ladder of small models, L(C) = a·C^b + c, the big run predicted")
+    ssub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, helptext in (("plan", "the ladder's runs: sizes, tokens, compute with and without embeddings"),
+                             ("run", "train every rung into OUT/scale (finished ones skipped), predict, train the target"),
+                             ("fit", "fit L(C), L(N, D) and the capability law on the finished rungs; plots/scaling.png"),
+                             ("predict", "the predicted loss at --compute FLOPs, with its bootstrap interval")):
+        s = ssub.add_parser(action, help=helptext, epilog="ladder settings: scale.* (ScaleConfig in gptstack/config.py)")
+        s.add_argument("--out", default="runs/scale", help="the run folder; the ladder lives in OUT/scale (default: runs/scale)")
+        if action == "predict":
+            s.add_argument("--compute", type=float, required=True, help="training FLOPs, counted as the fit counts them")
+        if action == "run":
+            s.add_argument("--no-target", action="store_true", help="train the ladder and predict, but not the target")
+        _add_config_args(s)
+        s.set_defaults(func=cmd_scale)
 
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -1,7 +1,10 @@
 import os
+import pty
+import select
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +54,32 @@ def random_model_dir(tmp_path_factory):
     save_state_dict(gpt.state_dict(), folder / "model.safetensors", gpt.metadata())
     tok.save(folder / "tokenizer.json")
     return folder
+
+
+class Terminal:
+    """`python -m gptstack ARGS` in a pseudo-terminal, driven like a person at a keyboard."""
+
+    def __init__(self, args):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptstack", *map(str, args)], stdin=slave, stdout=slave,
+                                     stderr=slave, close_fds=True, env={**os.environ, "TERM": "dumb"})
+        os.close(slave)
+        self.seen = ""
+
+    def expect(self, text, timeout=60):
+        end = time.time() + timeout
+        while text not in self.seen:
+            left = end - time.time()
+            if left <= 0 or self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]:
+                raise AssertionError(f"never saw {text!r}; terminal shows:\n{self.seen}")
+            if select.select([self.master], [], [], min(left, 0.5))[0]:
+                try:
+                    self.seen += os.read(self.master, 4096).decode(errors="replace")
+                except OSError:
+                    pass
+        i = self.seen.index(text) + len(text)
+        before, self.seen = self.seen[:i], self.seen[i:]
+        return before
+
+    def send(self, text):
+        os.write(self.master, text.encode())

@@ -1,11 +1,6 @@
 """Instruction tuning: the chat template, SFT records, the assistant-only loss, checkpoint selection, chat."""
 import json
 import os
-import pty
-import select
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -18,6 +13,8 @@ from gptstack.model import GPT
 from gptstack.tokenizer import Tokenizer
 from gptstack.train.sft import Demonstrations, SFTObjective
 from gptstack.train.trainer import Trainer
+
+from conftest import Terminal
 
 
 @pytest.fixture(scope="module")
@@ -177,33 +174,6 @@ def test_select_by_an_unreported_metric_is_a_clear_error(tok, tmp_path):
 
 
 # ---------------------------------------------------------------- chat in a real terminal
-
-class Terminal:
-    def __init__(self, args):
-        self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen([sys.executable, "-m", "gptstack", *map(str, args)], stdin=slave, stdout=slave,
-                                     stderr=slave, close_fds=True, env={**os.environ, "TERM": "dumb"})
-        os.close(slave)
-        self.seen = ""
-
-    def expect(self, text, timeout=60):
-        end = time.time() + timeout
-        while text not in self.seen:
-            left = end - time.time()
-            if left <= 0 or self.proc.poll() is not None and not select.select([self.master], [], [], 0)[0]:
-                raise AssertionError(f"never saw {text!r}; terminal shows:\n{self.seen}")
-            if select.select([self.master], [], [], min(left, 0.5))[0]:
-                try:
-                    self.seen += os.read(self.master, 4096).decode(errors="replace")
-                except OSError:
-                    pass
-        i = self.seen.index(text) + len(text)
-        before, self.seen = self.seen[:i], self.seen[i:]
-        return before
-
-    def send(self, text):
-        os.write(self.master, text.encode())
-
 
 def test_chat_in_a_pty(random_model_dir):
     term = Terminal(["chat", "--model", random_model_dir, "--system", "Be brief.", "--max-new-tokens", "6", "--seed", "0"])
