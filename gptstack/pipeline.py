@@ -26,7 +26,8 @@ from .train.lm import fit_vocab, run_pretrain
 from .train.sft import run_sft
 from .train.trainer import RESUMABLE_KEYS
 
-STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft"]
+STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "scale"]
+# scale (a ladder of pretrain runs into RUN/scale, ~30 CPU minutes) is opt-in: --stages scale
 # what `pipeline` runs unless --stages says otherwise; finetune (12 fine-tuning runs: 4 tasks x
 # pretrained / from scratch / λ = 0) is opt-in while it costs more than the rest of the demo together
 DEFAULT_STAGES = ["tokenizer", "pretrain", "eval", "prompting", "sft"]
@@ -137,6 +138,11 @@ def run_pipeline(cfg: RunConfig, run: Path, stages: list[str] | None = None, log
                 run_finetune_stage(cfg, run, tok, log)
             elif stage == "sft":
                 run_sft(cfg, run / "pretrain", run / "sft", _tokenizer(run), log)
+            elif stage == "scale":
+                from .ladder import run_scale_stage
+                if dist_env()[1] > 1:
+                    raise GptstackError("the scale stage runs in one process (its rungs are small); start it without torchrun")
+                run_scale_stage(cfg, run, log)
     except GptstackError:
         if created and rank == 0 and not any(stage_done(run, s) for s in STAGES):
             shutil.rmtree(run, ignore_errors=True)  # never leave a half-written run folder behind
@@ -156,7 +162,7 @@ def _tokenizer(run: Path) -> Tokenizer:
 # the config sections each stage's output depends on
 STAGE_SECTIONS = {"tokenizer": ("data", "tokenizer"), "pretrain": ("data", "tokenizer", "model", "pretrain"),
                   "eval": ("data", "tokenizer", "model", "pretrain"), "prompting": ("prompting",), "finetune": ("finetune",),
-                  "sft": ("sft",)}
+                  "sft": ("sft",), "scale": ("data", "scale")}
 
 
 def _check_config(cfg: RunConfig, run: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import deep_merge
 from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 
-STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft"]
+STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "scale"]
 
 
 def collect(run: Path) -> dict:
@@ -187,5 +187,8 @@ def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
         lines.append("")
     if "sft" in r:
         lines += sft_markdown(run, r["sft"])
+    if "scale" in r:
+        from .ladder import markdown as scale_markdown
+        lines += scale_markdown(run, r["scale"])  # plots/scaling.png is drawn by the stage (ladder.analyze)
     lines += ["## report.json", "", "```json", json.dumps(r, indent=1)[:4000], "```", ""]
     return "\n".join(lines)
