@@ -271,13 +271,15 @@ def cmd_scale(args):
     run = Path(args.out)
     if args.action == "plan":
         print(ladder.plan_table(ladder.plan(cfg), cfg.scale.compute))
-    elif args.action == "run":
-        ladder.run_ladder(cfg, run / "scale", target=not args.no_target)
-        _print_scale(ladder.analyze(cfg, run)["scale"])
-    elif args.action == "fit":
-        _print_scale(ladder.analyze(cfg, run)["scale"])
-    else:
+    elif args.action == "predict":
         print(json.dumps(ladder.predict_compute(run / "scale", args.compute), indent=1))
+    else:
+        if args.action == "run":
+            ladder.run_ladder(cfg, run / "scale", target=not args.no_target)
+        from .report import write_report
+        _print_scale(ladder.analyze(cfg, run)["scale"])
+        write_report(run)  # report.json's scale section (once the target has trained) and report.md
+        print(f"report: {run / 'report.md'}; plot: {run / 'plots' / 'scaling.png'}")
 
 
 def _print_scale(s):
