@@ -51,8 +51,7 @@ def load_model(where, device="cpu"):
     """A GPT from RUN/STAGE/model.safetensors; its config travels in the file's header.
     device="auto": the GPU when there is one (for inference: sampling, evals)."""
     from .model import GPT
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = inference_device(device)
     path = model_path(where)
     state, meta = read_weights(path)
     if "gptstack.model_config" not in meta:
@@ -63,6 +62,13 @@ def load_model(where, device="cpu"):
     except RuntimeError as e:
         raise GptstackError(f"{path}: weights do not fit the model ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+def inference_device(device="auto") -> str:
+    """"auto": the GPU when there is one (for inference: sampling, evals, scoring)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def find_tokenizer(where) -> Path:

@@ -132,24 +132,86 @@ class ScaleRung:
     preset: str = ""
 
 
+def _rm_train() -> "TrainConfig":
+    # batch: rankings (each K answers) per step; InstructGPT trains its RM for one epoch
+    return TrainConfig(steps=0, batch_size=16, lr=1e-4, schedule="cosine", min_lr_ratio=0.1, warmup_steps=10,
+                       weight_decay=0.0, log_every=10, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
+
+
+@dataclass
+class RMConfig:
+    prompts: int = 2000  # world: training prompts to compare (train templates)
+    val_prompts: int = 300  # world: held-out prompts (unseen templates) for the RM's accuracy
+    k: int = 4  # answers per prompt
+    temperatures: list[float] = field(default_factory=lambda: [1.0])  # each answer cycles through these
+    labeler: str = "noisy"  # gold | noisy (for `compare`, also human)
+    agreement: float = 0.73  # the noisy labeler's pairwise agreement with gold (InstructGPT: ~73% between labelers)
+    tie_threshold: float = 0.0  # gold scores this close tie
+    max_new_tokens: int = 64
+    epochs: float = 1.0  # when train.steps is 0
+    seed: int = 0
+    train: TrainConfig = field(default_factory=_rm_train)
+
+
+def _ppo_train() -> "TrainConfig":
+    # one step = one minibatch update; steps = rollouts x ppo_epochs x minibatches (set by the stage)
+    return TrainConfig(steps=0, batch_size=32, lr=2e-5, schedule="constant", min_lr_ratio=1.0, warmup_steps=1,
+                       weight_decay=0.0, log_every=1, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
+
+
+@dataclass
+class PPOConfig:
+    prompts: int = 2000  # world: training prompts the rollouts cycle through (train templates)
+    eval_prompts: int = 200  # world: held-out prompts (unseen templates) for evals and the win rate
+    rollouts: int = 40  # how many rollouts (each followed by ppo_epochs x minibatches updates)
+    rollout_batch: int = 64  # answers per rollout (train.batch_size = rollout_batch / minibatches)
+    ppo_epochs: int = 2
+    minibatches: int = 2
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
+    max_new_tokens: int = 48
+    kl_coef: float = 0.05  # β of the per-token KL penalty (the initial β when kl_target > 0)
+    kl_target: float = 0.0  # > 0: adapt β so the KL per answer approaches this (nats)
+    kl_horizon: int = 10000
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    no_end_penalty: float = 1.0  # subtracted from the score of an answer that ends without <|end|>
+    ptx_coef: float = 1.0  # γ of PPO-ptx: γ·L1 on pretraining data in the same update (0: plain PPO)
+    ptx_seq_len: int = 128  # tokens per pretraining row in the ptx term
+    rbrm: str = ""  # rule-based rewards: a rubric YAML, or "world" for the built-in one ("": none)
+    rbrm_coef: float = 1.0
+    rounds: int = 1  # > 1: new rankings from the current policy, RM retrained on all, PPO continued
+    select_by: str = "val_rm_score"  # the kept checkpoint (validation RM score; "" keeps the last)
+    eval_every_rollouts: int = 10
+    baselines: bool = True  # the stage also runs γ = 0 (the ptx comparison)
+    seed: int = 0
+    train: TrainConfig = field(default_factory=_ppo_train)
+
+
 @dataclass
 class ScaleConfig:
     """The scaling ladder (`gptstack scale`, the `scale` stage; see gptstack/ladder.py). Every rung is a normal
     pretrain run on `data` with the pretrain recipe below, in its own run folder under RUN/scale/rungs/."""
     vocab_size: int = 1024  # the ladder's own tokenizer: a small vocabulary keeps embeddings from dominating
     n_ctx: int = 128
-    head_dim: int = 16  # n_head = n_embd / head_dim
-    rungs: list[ScaleRung] = field(default_factory=lambda: [ScaleRung(2, 48), ScaleRung(3, 48), ScaleRung(2, 64), ScaleRung(4, 48)])
+    n_head: int = 4  # heads of every rung (0: n_embd / head_dim)
+    head_dim: int = 16
+    # one shape family (2 layers, growing width): rungs of mixed depth and width scatter around L(C)
+    rungs: list[ScaleRung] = field(default_factory=lambda: [ScaleRung(2, w) for w in (40, 44, 48, 56, 64)])
     widths: list[int] = field(default_factory=list)  # instead of rungs: n_layer = max(min_layers, round(width / aspect))
     aspect: float = 24.0
     min_layers: int = 2
-    target: ScaleRung = field(default_factory=lambda: ScaleRung(4, 96))  # the big run, predicted before it trains
+    target: ScaleRung = field(default_factory=lambda: ScaleRung(2, 128))  # the big run, predicted before it trains
     tokens_per_param: float = 40.0  # D = tokens_per_param x N, N without embeddings
     seeds: int = 2  # runs per fitted rung (the target runs once)
     compute: str = "non_embedding"  # the C the fit uses: non_embedding (Kaplan) | total (with the tied unembedding)
     max_compute_ratio: float = 0.1  # every fitted rung has at most this share of the target's compute
     chinchilla_tokens_per_param: list[float] = field(default_factory=lambda: [10.0, 80.0])  # extra runs for L(N, D)
     chinchilla_rungs: int = 2  # ... of this many of the smallest rungs, one seed each
+    fit_below_bigram: bool = True  # fit only sizes whose val loss beats the count-based bigram model
     batch_size: int = 16
     lr: float = 3.0e-3
     warmup_fraction: float = 0.05
@@ -170,6 +232,8 @@ class RunConfig:
     prompting: PromptingConfig = field(default_factory=PromptingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
 
 

@@ -71,9 +71,11 @@ def _shape(r, where: str) -> tuple[int, int]:
 
 def model_config(cfg: RunConfig, n_layer: int, n_embd: int, vocab_size: int | None = None) -> ModelConfig:
     sc = cfg.scale
-    if n_embd % sc.head_dim:
-        raise GptstackError(f"scale ladder: n_embd {n_embd} is not a multiple of scale.head_dim {sc.head_dim}")
-    return ModelConfig(n_layer=n_layer, n_head=n_embd // sc.head_dim, n_embd=n_embd, n_ctx=sc.n_ctx,
+    n_head = sc.n_head or n_embd // sc.head_dim
+    if n_head < 1 or n_embd % n_head or (not sc.n_head and n_embd % sc.head_dim):
+        raise GptstackError(f"scale ladder: n_embd {n_embd} does not split into "
+                            + (f"scale.n_head = {sc.n_head} heads" if sc.n_head else f"heads of scale.head_dim = {sc.head_dim}"))
+    return ModelConfig(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_ctx=sc.n_ctx,
                        vocab_size=vocab_size or sc.vocab_size, norm_position=cfg.model.norm_position,
                        dropout=0.0, bias=cfg.model.bias, init_std=cfg.model.init_std)
 
@@ -203,6 +205,7 @@ def run_ladder(cfg: RunConfig, folder: Path, log=print, target: bool = True) -> 
     folder.mkdir(parents=True, exist_ok=True)
     tok = _tokenizer(cfg, folder, log)
     queries = _queries(cfg, folder)
+    bigram_loss(cfg, tok, folder)
     rungs = plan(cfg, tok.vocab_size)
     log(plan_table(rungs, cfg.scale.compute))
     recs = []
@@ -244,20 +247,32 @@ def _sizes(recs: list[dict], kind: str) -> list[tuple[str, float, float]]:
     return sorted(rows, key=lambda t: t[1])
 
 
+def fitted(cfg: RunConfig, folder: Path, recs: list[dict]) -> tuple[list[dict], list[str]]:
+    """The `fit` rungs the law is fitted on, and the sizes left out because they have not left the bigram regime
+    (mean val loss not below the count-based bigram model's; scale.fit_below_bigram)."""
+    recs = [r for r in recs if r["role"] == "fit"]
+    bigram = read_json(folder / "bigram.json")["bigram_val_loss"] if (folder / "bigram.json").is_file() else None
+    if not cfg.scale.fit_below_bigram or bigram is None:
+        return recs, []
+    out = [s for s, _, loss in _sizes(recs, cfg.scale.compute) if loss >= bigram]
+    return [r for r in recs if r["size"] not in out], out
+
+
 def fit_ladder(cfg: RunConfig, folder: Path, recs: list[dict] | None = None, target: Rung | None = None) -> dict:
     """The L(C) fit on the finished `fit` rungs and the target's predicted loss; writes fit.json."""
     sc = cfg.scale
-    recs = [r for r in (records(folder) if recs is None else recs) if r["role"] == "fit"]
+    recs, excluded = fitted(cfg, folder, records(folder) if recs is None else recs)
     if len({r["size"] for r in recs}) < MIN_FIT_SIZES:
-        raise GptstackError(f"{folder}: {len({r['size'] for r in recs})} model size(s) of the ladder finished; the fit needs "
-                            f"{MIN_FIT_SIZES} (run `gptstack scale run` first)")
+        raise GptstackError(f"{folder}: {len({r['size'] for r in recs})} model size(s) of the ladder finished"
+                            + (f" past the bigram regime ({', '.join(excluded)} not)" if excluded else "")
+                            + f"; the fit needs {MIN_FIT_SIZES} (run `gptstack scale run` first)")
     if target is None:
         vocab = read_json(folder / "tokenizer" / "summary.json")["tokenizer"]["vocab_size"] if (folder / "tokenizer" / "summary.json").is_file() else None
         target = plan(cfg, vocab)[-1]
     fit, boot = _fit(recs, sc.compute, sc)
     pred = scaling.predict(fit, boot, target.compute(sc.compute), sc.interval)
     out = {"compute_definition": sc.compute, "fit": fit, "bootstrap": [{k: f[k] for k in "abc"} for f in boot],
-           "prediction": {**pred, "target": target.name}, "fitted_runs": len(recs)}
+           "prediction": {**pred, "target": target.name}, "fitted_runs": len(recs), "excluded_sizes": excluded}
     atomic_write_json(folder / "fit.json", out)
     return out
 
@@ -271,15 +286,21 @@ def predict_compute(folder: Path, compute: float) -> dict:
     return {**scaling.predict(f["fit"], f["bootstrap"], compute, level), "compute_definition": f["compute_definition"]}
 
 
-def bigram_loss(cfg: RunConfig, tok) -> float:
-    """Cross-entropy of val under the train bigram counts (add-0.1): the regime the rungs must leave."""
+def bigram_loss(cfg: RunConfig, tok, folder: Path) -> float:
+    """Cross-entropy of val under the train bigram counts (add-0.1): the regime the rungs must leave.
+    Cached in folder/bigram.json."""
+    path = Path(folder) / "bigram.json"
+    if path.is_file():
+        return read_json(path)["bigram_val_loss"]
     from .data.loader import build_sampler
     s = build_sampler(cfg.data, tok, 8, 0).splits[0]
     V = tok.vocab_size
     tr, va = np.asarray(s.train, dtype=np.int64), np.asarray(s.val, dtype=np.int64)
     counts = np.bincount(tr[:-1] * V + tr[1:], minlength=V * V).reshape(V, V).astype(np.float64) + 0.1
     logp = np.log(counts / counts.sum(1, keepdims=True))
-    return float(-logp[va[:-1], va[1:]].mean())
+    loss = float(-logp[va[:-1], va[1:]].mean())
+    atomic_write_json(path, {"bigram_val_loss": loss, "smoothing": 0.1})
+    return loss
 
 
 def analyze(cfg: RunConfig, run: Path, log=print) -> dict:
@@ -289,7 +310,8 @@ def analyze(cfg: RunConfig, run: Path, log=print) -> dict:
     folder = Path(run) / "scale"
     tok = Tokenizer.load(folder / "tokenizer.json")
     all_recs = records(folder)
-    fit_recs = [r for r in all_recs if r["role"] == "fit"]
+    bigram = bigram_loss(cfg, tok, folder)
+    fit_recs, excluded = fitted(cfg, folder, all_recs)
     target = plan(cfg, tok.vocab_size)[-1]
     done = [r for r in all_recs if r["role"] == "target"]
     kind = sc.compute
@@ -306,7 +328,7 @@ def analyze(cfg: RunConfig, run: Path, log=print) -> dict:
                       "compute": {k: target.compute(k) for k in COMPUTE_KINDS}},
            "compute_ratio": target.compute(kind) / c_fit_max,
            "compute_ratio_other": target.compute(_other(kind)) / max(r["compute"][_other(kind)] for r in fit_recs),
-           "bigram_val_loss": bigram_loss(cfg, tok), "fitted_runs": len(fit_recs),
+           "bigram_val_loss": bigram, "fitted_runs": len(fit_recs), "excluded_sizes": excluded,
            "ladder_seconds": sum(r["seconds"] for r in all_recs)}
     if done:
         actual = done[0]["val_loss"]
@@ -326,7 +348,7 @@ def analyze(cfg: RunConfig, run: Path, log=print) -> dict:
     out["capability"] = _capability(fit_recs, target, done, kind)
     if done:  # the stage's "finished" marker: only once the target has trained
         atomic_write_json(folder / "summary.json", {"scale": out})
-    plot_scaling(Path(run), out, all_recs, f, kind)
+    plot_scaling(Path(run), out, all_recs, f, kind, {r["name"] for r in fit_recs})
     return {"scale": out}
 
 
@@ -389,14 +411,18 @@ def _capability(fit_recs, target: Rung, done, kind) -> dict:
 
 # ---------------------------------------------------------------- plot and report
 
-def plot_scaling(run: Path, s: dict, recs: list[dict], f: dict, kind: str) -> Path:
+def plot_scaling(run: Path, s: dict, recs: list[dict], f: dict, kind: str, used: set) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
-    fit_recs = [r for r in recs if r["role"] == "fit"]
+    fit_recs = [r for r in recs if r["name"] in used]
+    out_recs = [r for r in recs if r["role"] == "fit" and r["name"] not in used]
     ch = [r for r in recs if r["role"] == "chinchilla"]
     ax.scatter([r["compute"][kind] for r in fit_recs], [r["val_loss"] for r in fit_recs], s=18, c="C0", label="ladder runs (fitted)")
+    if out_recs:
+        ax.scatter([r["compute"][kind] for r in out_recs], [r["val_loss"] for r in out_recs], s=18, facecolors="none",
+                   edgecolors="C0", label="ladder runs in the bigram regime (not fitted)")
     if ch:
         ax.scatter([r["compute"][kind] for r in ch], [r["val_loss"] for r in ch], s=14, marker="x", c="C2",
                    label="other tokens/param (Chinchilla fit only)")
@@ -454,7 +480,8 @@ def markdown(run: Path, s: dict) -> list[str]:
     """report.md's section for the scale stage."""
     f = s["fit"]
     lines = ["## Predictable scaling (GPT-4 §3)", "",
-             f"L(C) = {f['a']:.4g}·C^{f['b']:.4f} + {f['c']:.4f}, fitted on {s['fitted_runs']} ladder runs. {s['compute_definition']}.", "",
+             f"L(C) = {f['a']:.4g}·C^{f['b']:.4f} + {f['c']:.4f}, fitted on {s['fitted_runs']} ladder runs. {s['compute_definition']}."
+             + (f" Not fitted, still in the bigram regime: {', '.join(s['excluded_sizes'])}." if s.get("excluded_sizes") else ""), "",
              "| figure | value |", "|---|---|",
              f"| target | {s['target']['name']}: {s['target']['params_non_embedding']:,} parameters without embeddings "
              f"({s['target']['params']:,} with), {s['target']['tokens']:,} tokens |",

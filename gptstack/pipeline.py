@@ -23,10 +23,11 @@ from .tokenizer import Tokenizer
 from .train.distributed import barrier, broadcast_from_main, dist_env, init_distributed
 from .train.finetune import run_finetune_stage
 from .train.lm import fit_vocab, run_pretrain
+from .train.rm import run_rm
 from .train.sft import run_sft
 from .train.trainer import RESUMABLE_KEYS
 
-STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "scale"]
+STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "rm", "ppo", "scale"]
 # scale (a ladder of pretrain runs into RUN/scale, ~30 CPU minutes) is opt-in: --stages scale
 # what `pipeline` runs unless --stages says otherwise; finetune (12 fine-tuning runs: 4 tasks x
 # pretrained / from scratch / λ = 0) is opt-in while it costs more than the rest of the demo together
@@ -138,6 +139,11 @@ def run_pipeline(cfg: RunConfig, run: Path, stages: list[str] | None = None, log
                 run_finetune_stage(cfg, run, tok, log)
             elif stage == "sft":
                 run_sft(cfg, run / "pretrain", run / "sft", _tokenizer(run), log)
+            elif stage == "rm":
+                run_rm(cfg, run / "sft", run / "rm", _tokenizer(run), log=log)
+            elif stage == "ppo":
+                from .train.ppo_stage import run_ppo
+                run_ppo(cfg, run / "sft", run / "rm", run / "ppo", _tokenizer(run), log)
             elif stage == "scale":
                 from .ladder import run_scale_stage
                 if dist_env()[1] > 1:
@@ -162,7 +168,7 @@ def _tokenizer(run: Path) -> Tokenizer:
 # the config sections each stage's output depends on
 STAGE_SECTIONS = {"tokenizer": ("data", "tokenizer"), "pretrain": ("data", "tokenizer", "model", "pretrain"),
                   "eval": ("data", "tokenizer", "model", "pretrain"), "prompting": ("prompting",), "finetune": ("finetune",),
-                  "sft": ("sft",), "scale": ("data", "scale")}
+                  "sft": ("sft",), "rm": ("sft", "rm"), "ppo": ("sft", "rm", "ppo"), "scale": ("data", "scale")}
 
 
 def _check_config(cfg: RunConfig, run: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import deep_merge
 from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 
-STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "scale"]
+STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "rm", "scale"]
 
 
 def collect(run: Path) -> dict:
@@ -111,12 +111,64 @@ def sft_markdown(run: Path, r: dict) -> list[str]:
     return lines
 
 
+def plot_rm(run: Path) -> Path | None:
+    """Every held-out answer's reward against its gold score."""
+    rows = read_jsonl_loose(run / "rm" / "val_scores.jsonl")
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fams = sorted({r["family"] for r in rows})
+    cmap = plt.get_cmap("tab10")
+    for i, f in enumerate(fams):
+        pts = [r for r in rows if r["family"] == f]
+        ax.scatter([r["gold_score"] for r in pts], [r["reward"] for r in pts], s=9, alpha=0.6, color=cmap(i % 10), label=f)
+    ax.set_xlabel("gold score")
+    ax.set_ylabel("reward (normalised: SFT answers mean 0, std 1)")
+    ax.set_title("reward model on held-out answers")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, markerscale=1.5, ncol=2)
+    out = run / "plots" / "rm_vs_gold.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def rm_markdown(run: Path, r: dict) -> list[str]:
+    lines = ["## Reward model (all C(K,2) pairs of a K-way ranking per batch element)", "",
+             f"{r['rankings']:,} rankings ({r['pairs']:,} non-tied pairs), {r['steps']} steps; held-out accuracy against "
+             f"the labeler's pairs: **{r['val_accuracy']:.3f}** on {r['val_pairs']:,} pairs.", ""]
+    if "gold_agreement" not in r:
+        return lines
+    lines += [f"Rankings: K = {r['k']} answers from {', '.join(r['samplers'])}, ranked by the {r['labeler']} labeler, "
+              f"whose measured agreement with gold is {r['labeler_agreement']:.3f}; {r['tie_fraction']:.1%} of pairs tie.", "",
+              "Agreement with the gold ranking on held-out prompts (unseen templates), non-tied pairs:", "",
+              "| pairs | n | RM | shorter first | SFT log-likelihood |", "|---|---|---|---|---|",
+              f"| all | {r['gold_pairs']:,} | **{r['gold_agreement']:.3f}** | {r['baseline_length_agreement']:.3f} | "
+              f"{r['baseline_loglik_agreement']:.3f} |"]
+    for name, row in r["by_subset"].items():
+        lines.append(f"| {name.replace('_', ' ')} | {row['pairs']:,} | {row['gold_agreement']:.3f} | "
+                     f"{row['baseline_length_agreement']:.3f} | {row['baseline_loglik_agreement']:.3f} |")
+    for name, row in r["by_family"].items():
+        lines.append(f"| family: {name} | {row['pairs']:,} | {row['gold_agreement']:.3f} | "
+                     f"{row['baseline_length_agreement']:.3f} | {row['baseline_loglik_agreement']:.3f} |")
+    lines.append("")
+    if (run / "plots" / "rm_vs_gold.png").is_file():
+        lines += ["![reward against gold score](plots/rm_vs_gold.png)", ""]
+    return lines
+
+
 def write_report(run: Path) -> dict:
     run = Path(run)
     report = collect(run)
     atomic_write_json(run / "report.json", report)
     plot = plot_loss(run)
     plot_sft(run, report)
+    plot_rm(run)
     atomic_write_text(run / "report.md", render_markdown(run, report, plot))
     return report
 
@@ -187,6 +239,8 @@ def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
         lines.append("")
     if "sft" in r:
         lines += sft_markdown(run, r["sft"])
+    if "rm" in r:
+        lines += rm_markdown(run, r["rm"])
     if "scale" in r:
         from .ladder import markdown as scale_markdown
         lines += scale_markdown(run, r["scale"])  # plots/scaling.png is drawn by the stage (ladder.analyze)

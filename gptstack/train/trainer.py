@@ -11,6 +11,7 @@ The objective protocol:
     loss(model, micro) -> (mean loss over the micro-batch, {metric: float tensor}); may report "tokens"
     evaluate(model) -> {metric: float}    on held-out data, model in eval mode
     flops_per_token() -> float            for MFU (optional)
+    state_dict() / load_state_dict(d)     state of its own, kept in the checkpoint (optional; PPO's KL coefficient)
 """
 from __future__ import annotations
 
@@ -278,6 +279,8 @@ class Trainer:
 
         stats = {k: state.get(k, 0) for k in ("tokens", "train_seconds", "wall_seconds")}
         stats["best"] = state.get("best")
+        if "objective" in state:  # an objective with state of its own (PPO's adaptive KL coefficient)
+            self.objective.load_state_dict(state["objective"])
         initial = state.get("initial_eval") or self._main_eval()
         if start == 0 and self.is_main:
             append_jsonl(self.metrics_path, {"event": "eval", "step": 0, **initial})
@@ -341,7 +344,8 @@ class Trainer:
                     summary = self._summary(stats, initial, final, last, fpt, peak) if final is not None else {}
                     if summary and stats["best"]:
                         summary["selected"] = stats["best"]
-                    ck = self._save(done, optimizer, {**stats, "initial_eval": initial, "summary": summary})
+                    extra = {"objective": self.objective.state_dict()} if hasattr(self.objective, "state_dict") else {}
+                    ck = self._save(done, optimizer, {**stats, "initial_eval": initial, "summary": summary, **extra})
                     if stopping:
                         bar.close()
                         raise Interrupted(f"stopped by {self._stop or 'a signal to another rank'} at step {done}; "

@@ -7,8 +7,8 @@ val from another slice of modules; train from the rest.
 - module (classification): which of four modules a 6-line snippet comes from.
 - value_claim (entailment): does "name == value" follow from a few assignments,
   contradict them, or is it unknown (the name is not assigned)?
-- renamed (similarity): are two snippets the same up to a consistent renaming
-  of identifiers, or not (another snippet, or the same one with a line changed)?
+- renamed (similarity): are two snippets of code (comments and docstrings
+  left out) the same up to a consistent renaming of identifiers, or not (another snippet, or the same one with a line changed)?
 - continuation (multiple choice): which of four lines really follows the context?
 """
 from __future__ import annotations
@@ -32,7 +32,9 @@ TASKS = {  # name -> (kind, chance accuracy)
     "continuation": ("multiple_choice", 0.25),
 }
 SIZES = {"train": 800, "val": 200, "test": 400}
-VALUE_CLAIM_TRAIN = 3000  # its records are short (~20 tokens): more of them cost little
+# tasks whose records are short, or that need more examples to learn, get more training records
+TRAIN_SIZES = {"value_claim": 3000, "renamed": 3000}
+RENAMED_LINES = 3  # code lines per snippet
 MODULES = ["_pydecimal.py", "argparse.py", "tarfile.py", "typing.py"]  # large, distinct in vocabulary
 MODULE_FALLBACKS = ["inspect.py", "doctest.py", "pathlib.py", "subprocess.py", "ssl.py", "pickle.py"]
 
@@ -44,15 +46,30 @@ def split_of(doc_id: str) -> str:
     return "val" if is_val(doc_id + "#finetune", 0.06) else "train"
 
 
-def code_documents() -> dict[str, list[tuple[str, list[str]]]]:
-    """Stdlib modules by split, as (id, non-blank lines)."""
+def code_documents() -> tuple[dict, dict]:
+    """Stdlib modules by split, as (id, non-blank lines), and the same with only the lines of code."""
     out = {"train": [], "val": [], "test": []}
+    code = {"train": [], "val": [], "test": []}
     for doc_id, text in stdlib_documents():
         if doc_id.startswith("stdlib/"):
             lines = [l.rstrip() for l in text.splitlines() if l.strip() and len(l) < 100]
             if len(lines) > 40:
                 out[split_of(doc_id)].append((doc_id, lines))
-    return out
+                code[split_of(doc_id)].append((doc_id, code_lines(text)))
+    return out, code
+
+
+def code_lines(text: str) -> list[str]:
+    """The lines that are code: no comments, no docstring or other multi-line string."""
+    lines = text.splitlines()
+    prose = set()
+    try:
+        for t in tokenize.generate_tokens(io.StringIO(text).readline):
+            if t.type == tokenize.COMMENT or (t.type == tokenize.STRING and (t.start[0] != t.end[0] or t.line.strip() == t.string)):
+                prose.update(range(t.start[0], t.end[0] + 1))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return []
+    return [l.rstrip() for i, l in enumerate(lines, 1) if i not in prose and l.strip() and len(l) < 100]
 
 
 # ---------------------------------------------------------------- module (classification)
@@ -91,7 +108,7 @@ def identifiers(docs) -> list[str]:
 def value_claim_task(names: dict[str, list[str]], rng: random.Random) -> dict[str, list[dict]]:
     labels = ["entailment", "contradiction", "neutral"]
     out = {s: [] for s in SIZES}
-    for split, n in {**SIZES, "train": VALUE_CLAIM_TRAIN}.items():
+    for split, n in {**SIZES, "train": TRAIN_SIZES["value_claim"]}.items():
         pool = names[split]
         for i in range(n):
             k = rng.randint(1, 2)
@@ -147,6 +164,8 @@ def snippets(docs, n_lines: int, rng: random.Random, count: int) -> list[str]:
     out = []
     while len(out) < count:
         _, lines = rng.choice(docs)
+        if len(lines) <= n_lines:
+            continue
         s = rng.randrange(len(lines) - n_lines)
         block = lines[s:s + n_lines]
         indent = min(len(l) - len(l.lstrip()) for l in block)
@@ -156,9 +175,9 @@ def snippets(docs, n_lines: int, rng: random.Random, count: int) -> list[str]:
 
 def renamed_task(docs, names, rng: random.Random) -> dict[str, list[dict]]:
     out = {s: [] for s in SIZES}
-    for split, n in SIZES.items():
+    for split, n in {**SIZES, "train": TRAIN_SIZES["renamed"]}.items():
         while len(out[split]) < n:
-            a, other = snippets(docs[split], 4, rng, 2)
+            a, other = snippets(docs[split], RENAMED_LINES, rng, 2)
             positive = len(out[split]) % 2 == 0
             if positive:
                 b = rename(a, names[split], rng)
@@ -201,13 +220,13 @@ def continuation_task(docs, rng: random.Random) -> dict[str, list[dict]]:
 def build_tasks(folder: Path, seed: int = 0) -> dict[str, dict]:
     """Write every task's train/val/test JSONL under folder/<task>/; returns {task: {kind, chance, files}}."""
     import json
-    docs = code_documents()
-    names = {s: identifiers(d) for s, d in docs.items()}
+    docs, code = code_documents()
+    names = {s: identifiers(d) for s, d in code.items()}
     by_id = {doc_id: lines for d in docs.values() for doc_id, lines in d}
     built = {
         "module": module_task(by_id, random.Random(seed)),
         "value_claim": value_claim_task(names, random.Random(seed + 1)),
-        "renamed": renamed_task(docs, names, random.Random(seed + 2)),
+        "renamed": renamed_task(code, names, random.Random(seed + 2)),
         "continuation": continuation_task(docs, random.Random(seed + 3)),
     }
     info = {}

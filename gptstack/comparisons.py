@@ -1,0 +1,101 @@
+"""Comparisons (InstructGPT step 2's data): K answers per prompt from the policy (or several policies
+and temperatures, as InstructGPT sampled from several models), ranked by a labeler.
+
+Labelers: `gold` (the world's programmatic labeler), `noisy` (a simulated person who agrees with gold
+on a configurable share of pairs, as InstructGPT's labelers agreed with each other ~73% of the time),
+or `human` (writes a to-do file for `gptstack label`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import load_model
+from .errors import GptstackError, where
+from .evals.instruct import conversation, respond
+from .io import atomic_write_text, iter_jsonl
+from .tokenizer import Tokenizer
+from .world.instructions import InstructionSuite, NoisyLabeler, Prompt, pairwise_agreement, rank
+
+LABELERS = ("gold", "noisy", "human")
+
+
+@dataclass
+class Sampler:
+    """One source of answers: a policy folder and a temperature."""
+    model: object
+    temperature: float
+    name: str
+
+
+def read_prompts(path: Path, suite: InstructionSuite | None) -> list[Prompt | dict]:
+    """Prompts from a JSONL file of {prompt, [system]}: the suite's Prompt where the text is one of its
+    prompts (so the gold labeler can judge it), else the bare record."""
+    out = []
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec.get("prompt"), str):
+            raise GptstackError(f"{where(path, lineno, 'prompt')} missing or not a string")
+        system = rec.get("system")
+        if system is not None and not isinstance(system, str):
+            raise GptstackError(f"{where(path, lineno, 'system')} must be a string")
+        found = suite.lookup(rec["prompt"], system) if suite else None
+        out.append(found or {"prompt": rec["prompt"], "system": system, "_line": lineno})
+    if not out:
+        raise GptstackError(f"{path}: no prompts")
+    return out
+
+
+def sample_answers(samplers: list[Sampler], tok: Tokenizer, prompts: list, k: int, max_new_tokens: int,
+                   seed: int = 0) -> list[tuple[list[str], list[str]]]:
+    """K answers per prompt, cycling through the samplers; returns (answers, sources) per prompt."""
+    convs = [conversation(p) if isinstance(p, Prompt) else
+             ([{"role": "system", "content": p["system"]}] if p["system"] else []) + [{"role": "user", "content": p["prompt"]}]
+             for p in prompts]
+    answers = [[None] * k for _ in prompts]
+    sources = [[None] * k for _ in prompts]
+    for j in range(k):
+        s = samplers[j % len(samplers)]
+        got = respond(s.model, tok, convs, max_new_tokens, temperature=s.temperature, seed=seed * 1000 + j)
+        for i, (text, _) in enumerate(got):
+            answers[i][j], sources[i][j] = text, s.name
+    return list(zip(answers, sources))
+
+
+def compare(policies: list[str], tok: Tokenizer, prompts: list, k: int, labeler: str, out: Path,
+            temperatures: list[float] = (1.0,), agreement: float = 0.73, tie_threshold: float = 0.0,
+            max_new_tokens: int = 64, seed: int = 0) -> dict:
+    """Sample, rank and write the rankings (or the to-do file for `label`). Returns the summary."""
+    if labeler not in LABELERS:
+        raise GptstackError(f"unknown labeler '{labeler}' (known: {', '.join(LABELERS)})")
+    if k < 2:
+        raise GptstackError(f"--k must be at least 2 (a ranking compares answers), got {k}")
+    unjudgeable = [p for p in prompts if not isinstance(p, Prompt)]
+    if labeler != "human" and unjudgeable:
+        p = unjudgeable[0]
+        raise GptstackError(f"line {p['_line']}: prompt {p['prompt'][:60]!r} is not one of the instruction suite's, so the "
+                            f"{labeler} labeler cannot judge it; use --labeler human")
+    samplers = [Sampler(load_model(pol, "auto"), t, f"{Path(pol).name}@T{t:g}") for pol in policies for t in temperatures]
+    sampled = sample_answers(samplers, tok, prompts, k, max_new_tokens, seed)
+    noisy = NoisyLabeler(agreement, tie_threshold, seed) if labeler == "noisy" else None
+    rows, labeled, gold_all = [], [], []
+    for p, (answers, sources) in zip(prompts, sampled):
+        if isinstance(p, Prompt):
+            row = {"prompt": p.user, "system": p.system, "family": p.family, "responses": answers, "sources": sources}
+        else:
+            row = {"prompt": p["prompt"], "system": p["system"], "responses": answers, "sources": sources}
+        if labeler != "human":
+            gold = rank(p, answers, tie_threshold)
+            row["ranks"] = gold if labeler == "gold" else noisy.rank(p, answers)
+            row["gold_ranks"], row["labeler"] = gold, labeler
+            labeled.append(row["ranks"])
+            gold_all.append(gold)
+        rows.append(row)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    summary = {"prompts": len(rows), "k": k, "labeler": labeler, "samplers": [s.name for s in samplers], "file": str(out)}
+    if labeled:
+        pairs = [(i, j) for r in labeled for i in range(len(r)) for j in range(i + 1, len(r))]
+        ties = sum(1 for r in labeled for i in range(len(r)) for j in range(i + 1, len(r)) if r[i] == r[j])
+        summary |= {"labeler_agreement": pairwise_agreement(labeled, gold_all), "tie_fraction": ties / max(len(pairs), 1),
+                    "pairs": len(pairs) - ties}
+    return summary

@@ -1,0 +1,138 @@
+"""The ppo stage: PPO-ptx from the SFT policy against the reward model, then the InstructGPT evaluation.
+
+Evaluation on held-out prompts (templates never trained on): the gold labeler's win rate of the PPO
+policy's greedy answers against the SFT policy's (ties count half), split into wins that come from
+correctness and wins from style; accuracy, gold score, RM score, KL to SFT, refusal rates; and the
+pretraining val loss before and after, with and without the ptx term (the same experiment run twice).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model, read_weights, save_state_dict
+from ..data.loader import build_sampler
+from ..evals.instruct import evaluate_instructions
+from ..evals.lm import windows_loss
+from ..io import atomic_write_json, atomic_write_text
+from ..tokenizer import Tokenizer
+from ..world.instructions import InstructionSuite, gold_score
+from .ppo import ActorCritic, PPOObjective, evaluate_policy, rm_scores
+from .rm import load_reward_model
+from .trainer import Trainer
+
+
+def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, log=print,
+              reference_dir: Path | None = None) -> dict:
+    """PPO from `policy_dir` against the RM in `rm_dir` into OUT; OUT/model.safetensors is the policy
+    (a plain GPT, for chat and serving), OUT/value.safetensors its value function."""
+    p = dataclasses.replace(cfg.ppo, ptx_coef=ptx_coef)
+    suite = InstructionSuite(seed=cfg.sft.seed)
+    prompts = suite.prompts("train", p.prompts, seed=p.seed + 300)
+    val_prompts = suite.prompts("heldout", max(32, p.eval_prompts // 2), seed=p.seed + 400)  # for checkpoint choice
+    torch.manual_seed(p.train.seed)
+    policy = load_model(policy_dir)
+    reference = load_model(reference_dir or policy_dir).requires_grad_(False)
+    rm = load_reward_model(rm_dir).requires_grad_(False)
+    value = load_reward_model(rm_dir)  # the value function starts as the reward model (InstructGPT)
+    model = ActorCritic(policy, value)
+    ptx = None
+    if p.ptx_coef > 0:
+        ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed)
+    rules = None
+    if p.rbrm:
+        from ..rewards.rbrm import RuleBasedRewards
+        rules = RuleBasedRewards.load(p.rbrm)
+    updates = p.ppo_epochs * p.minibatches
+    steps = p.rollouts * updates
+    train_cfg = dataclasses.replace(p.train, steps=steps, batch_size=p.rollout_batch // p.minibatches,
+                                    eval_every=p.eval_every_rollouts * updates, select_by=p.select_by,
+                                    ckpt_every=min(p.train.ckpt_every // updates * updates or updates, steps))
+    fpt = policy.flops_per_token(64) + value.gpt.flops_per_token(64)
+    objective = PPOObjective(p, model, reference, rm, tok, prompts, ptx, rules, val_prompts, fpt)
+    trainer = Trainer(train_cfg, model, objective, out, metadata={**policy.metadata(), "gptstack.kind": "actor_critic"},
+                      desc=f"ppo{'' if p.ptx_coef > 0 else ' (no ptx)'}")
+    summary = trainer.fit()
+    if not trainer.is_main:
+        return {}
+    state, _ = read_weights(out / "model.safetensors")  # the kept (best or last) actor-critic
+    if any(k.startswith("policy.") for k in state):
+        save_state_dict({k[len("value."):]: v for k, v in state.items() if k.startswith("value.")},
+                        out / "value.safetensors", {**value.gpt.metadata(), "gptstack.kind": "reward_model"})
+        save_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")},
+                        out / "model.safetensors", policy.metadata())
+    return {"steps": steps, "rollouts": p.rollouts, "selected": summary.get("selected"),
+            "train_seconds": summary.get("seconds"), "final_beta": objective.kl.beta}
+
+
+def pretrain_val_loss(model, sampler, tokens: int) -> float:
+    return windows_loss(model, sampler.val_windows(0, tokens))[0]
+
+
+def win_rate(prompts: list, ours: list[str], theirs: list[str]) -> dict:
+    """The gold labeler's preference of `ours` over `theirs` (ties half), split by where wins come from:
+    pairs whose correctness differs, and pairs equally correct (style: length, refusal style, over-refusal)."""
+    rows = []
+    for p, a, b in zip(prompts, ours, theirs):
+        sa, sb = gold_score(p, a), gold_score(p, b)
+        rows.append((1.0 if sa.total > sb.total else 0.5 if sa.total == sb.total else 0.0, sa.correct != sb.correct))
+    n = len(rows)
+    by_correct = [w for w, differs in rows if differs]
+    by_style = [w for w, differs in rows if not differs]
+    return {"win_rate": sum(w for w, _ in rows) / n,
+            "correctness_pairs": len(by_correct), "win_rate_correctness": sum(by_correct) / max(len(by_correct), 1),
+            "style_pairs": len(by_style), "win_rate_style": sum(by_style) / max(len(by_style), 1),
+            # each subset's contribution to the overall rate above one half
+            "excess_from_correctness": sum(w - 0.5 for w in by_correct) / n,
+            "excess_from_style": sum(w - 0.5 for w in by_style) / n}
+
+
+def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
+    """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
+    t0 = time.time()
+    p = cfg.ppo
+    result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, log)
+    if not result:
+        return {}
+    no_ptx = None
+    if p.baselines and p.ptx_coef > 0:
+        log("[ppo] the same run without the ptx term, for the comparison")
+        no_ptx = out / "no_ptx"
+        train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, log)
+
+    suite = InstructionSuite(seed=cfg.sft.seed)
+    prompts = suite.prompts("heldout", p.eval_prompts, seed=cfg.sft.seed + 1)  # the SFT stage's held-out prompts
+    sft, ppo = load_model(run_policy, "auto"), load_model(out, "auto")
+    rm = load_reward_model(rm_dir, "auto")
+    log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against SFT")
+    ours = evaluate_policy(ppo, sft, rm, tok, prompts, p)
+    base, base_samples = evaluate_instructions(sft, tok, prompts, p.max_new_tokens)
+    _, samples = evaluate_instructions(ppo, tok, prompts, p.max_new_tokens)
+    wins = win_rate(prompts, [s["answer"] for s in samples], [s["answer"] for s in base_samples])
+    base_rm = sum(rm_scores(rm, tok, prompts, [s["answer"] for s in base_samples])) / len(prompts)
+    sampler = build_sampler(cfg.data, tok, cfg.model.n_ctx, cfg.pretrain.seed)
+    tokens = cfg.pretrain.eval_tokens
+    loss_sft = pretrain_val_loss(sft, sampler, tokens)
+    result |= {"win_rate_vs_sft": wins["win_rate"], "wins": wins, **{k: v for k, v in ours.items()},
+               "sft_accuracy": base["accuracy"], "sft_gold_score": base["gold_score"], "sft_rm_score": base_rm,
+               "sft_mean_length": base["mean_length"], "sft_refusal_rate_disallowed": base["refusal_rate_disallowed"],
+               "sft_refusal_rate_allowed": base["refusal_rate_allowed"],
+               "sft_refusal_style_desired_rate": base["refusal_style_desired_rate"], "sft_by_family": base["by_family"],
+               "pretrain_val_loss_sft": loss_sft,
+               "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
+    if no_ptx is not None:
+        result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(load_model(no_ptx, "auto"), sampler, tokens) - loss_sft
+        nop = evaluate_policy(load_model(no_ptx, "auto"), sft, rm, tok, prompts, p)
+        result["no_ptx"] = {k: v for k, v in nop.items() if not isinstance(v, dict)}
+    atomic_write_text(out / "samples.jsonl", "".join(
+        json.dumps({"family": s["family"], "system": s["system"], "prompt": s["prompt"], "sft": b["answer"],
+                    "ppo": s["answer"], "sft_gold": b["gold_score"], "ppo_gold": s["gold_score"]}) + "\n"
+        for s, b in zip(samples, base_samples)))
+    result["seconds"] = time.time() - t0
+    summary = {"ppo": result}
+    atomic_write_json(out / "summary.json", summary)
+    return summary

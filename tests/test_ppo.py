@@ -1,0 +1,186 @@
+"""PPO: GAE and whitening by hand, the KL term at π = π_ref, the loss with γ = 0 is plain PPO, and a
+PPO update moves the policy toward the tokens with positive advantage."""
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gptstack.config import ModelConfig, PPOConfig
+from gptstack.model import GPT
+from gptstack.rewards.rbrm import RuleBasedRewards
+from gptstack.tokenizer import Tokenizer
+from gptstack.train.ppo import ActorCritic, PPOObjective, gae, kl_rewards, pack, token_logprobs, whiten
+from gptstack.train.rm import RewardModel
+from gptstack.world.instructions import InstructionSuite
+
+
+def test_gae_by_hand():
+    # row 0: a prompt position (masked), three answer tokens, padding; row 1: two answer tokens
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.float64)
+    rewards = torch.tensor([[0, 0, 0, 1, 0], [0.5, -1, 0, 0, 0]], dtype=torch.float64)
+    values = torch.tensor([[9, 0.5, 0.2, 0.1, 9], [0.3, 0.4, 9, 9, 9]], dtype=torch.float64) * mask
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # δ2 = 1 − 0.1 = 0.9; δ1 = 0.1 − 0.2 = −0.1; δ0 = 0.2 − 0.5 = −0.3
+    a2, a1 = 0.9, -0.1 + 0.95 * 0.9
+    a0 = -0.3 + 0.95 * a1
+    # row 1: δ1 = −1 − 0.4 = −1.4; δ0 = 0.5 + 0.4 − 0.3 = 0.6
+    b1 = -1.4
+    b0 = 0.6 + 0.95 * b1
+    torch.testing.assert_close(adv, torch.tensor([[0, a0, a1, a2, 0], [b0, b1, 0, 0, 0]], dtype=torch.float64))
+    torch.testing.assert_close(ret, torch.tensor([[0, a0 + 0.5, a1 + 0.2, a2 + 0.1, 0], [b0 + 0.3, b1 + 0.4, 0, 0, 0]],
+                                                 dtype=torch.float64))
+
+
+def test_gae_with_gamma_and_lambda_one_is_the_return_minus_value():
+    mask = torch.ones(1, 4)
+    rewards = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 0.8]])
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 0.9, 0.7, 0.4]]))
+    torch.testing.assert_close(adv, ret - values)
+
+
+def test_whitening_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    s = (2 / 3) ** 0.5  # population std of 1, 2, 3
+    torch.testing.assert_close(whiten(x, mask), torch.tensor([[-1 / s, 0.0, 1 / s, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_kl_rewards_put_the_score_on_the_last_token():
+    logp = torch.tensor([[0.0, -1.0, -2.0, 0.0]])
+    ref = torch.tensor([[5.0, -1.5, -1.0, 5.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 0.0]])
+    r = kl_rewards(logp, ref, mask, torch.tensor([2.0]), beta=0.1)
+    torch.testing.assert_close(r, torch.tensor([[0.0, -0.05, 0.1 + 2.0, 0.0]]))
+
+
+# ---------------------------------------------------------------- the objective on tiny models
+
+@pytest.fixture(scope="module")
+def setup():
+    suite = InstructionSuite(seed=0)
+    prompts = suite.prompts("train", 16, seed=3)
+    text = " ".join(p.user + " " + p.answer for p in suite.prompts("train", 300, seed=4))
+    tok = Tokenizer.train([text], vocab_size=400)
+    cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=128, vocab_size=tok.vocab_size)
+    torch.manual_seed(0)
+    policy = GPT(cfg)
+    reference = GPT(cfg)
+    reference.load_state_dict(policy.state_dict())
+    rm = RewardModel(GPT(cfg))
+    value = RewardModel(GPT(cfg))
+    value.load_state_dict(rm.state_dict())
+    return tok, prompts, policy, reference, rm, value
+
+
+def objective(setup, **kw):
+    tok, prompts, policy, reference, rm, value = setup
+    cfg = dataclasses.replace(PPOConfig(), rollout_batch=8, minibatches=2, ppo_epochs=2, max_new_tokens=8, **kw)
+    return PPOObjective(cfg, ActorCritic(policy, value), reference, rm, tok, prompts)
+
+
+def test_kl_is_zero_when_the_policy_is_the_reference(setup):
+    obj = objective(setup, kl_coef=0.5)
+    rollout = obj.make_rollout(0)
+    assert obj.stats["kl"] == 0.0
+    # so the rewards are the scores alone: the returns' last entries carry them
+    assert rollout["mask"].sum() > 0
+
+
+def test_rollout_minibatches_cover_the_rollout_once_per_epoch(setup):
+    obj = objective(setup)
+    seen = []
+    for step in range(4):  # 2 epochs x 2 minibatches of 4 from one rollout of 8
+        b = obj.train_batch(step, 4)
+        seen.append(b["ids"])
+    assert obj.rollout_index == 0
+    first_epoch = torch.cat(seen[:2]).tolist()
+    assert sorted(map(tuple, first_epoch)) == sorted(map(tuple, obj.rollout["ids"].tolist()))
+    obj.train_batch(4, 4)
+    assert obj.rollout_index == 1  # a new rollout after ppo_epochs x minibatches updates
+
+
+def test_loss_without_ptx_or_rules_is_plain_ppo(setup):
+    obj = objective(setup, ptx_coef=0.0, clip=0.2, value_clip=0.2, vf_coef=0.5)
+    micro = obj.train_batch(0, 4)
+    assert "ptx_input" not in micro
+    torch.manual_seed(1)
+    with torch.no_grad():  # move the policy a little so the ratio is not 1 everywhere
+        for p in obj.model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    loss, metrics = obj.loss(obj.model, micro)
+
+    # plain PPO (Schulman et al. 2017), written out here independently
+    ids, m = micro["ids"], micro["mask"]
+    logits = obj.model.policy.logits(obj.model.policy.hidden(ids))[:, :-1]
+    logp = F.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ratio = (logp - micro["old_logp"]).exp()
+    A = micro["advantages"]
+    surrogate = torch.min(ratio * A, ratio.clamp(0.8, 1.2) * A)
+    policy_loss = -(surrogate * m).sum() / m.sum()
+    v = obj.model.value.head(obj.model.value.gpt.hidden(ids)).squeeze(-1)[:, :-1]
+    v_clip = micro["old_values"] + (v - micro["old_values"]).clamp(-0.2, 0.2)
+    R = micro["returns"]
+    value_loss = 0.5 * (torch.max((v - R) ** 2, (v_clip - R) ** 2) * m).sum() / m.sum()
+    assert loss.item() == pytest.approx((policy_loss + 0.5 * value_loss).item(), abs=1e-6)
+    assert "ptx_loss" not in metrics
+
+
+def test_ptx_adds_gamma_times_the_lm_loss(setup):
+    class Sampler:  # pretraining rows
+        def train_batch(self, step, n):
+            g = torch.Generator().manual_seed(step)
+            data = torch.randint(0, setup[0].vocab_size, (n, 17), generator=g)
+            return {"input": data[:, :-1], "target": data[:, 1:]}
+
+    plain = objective(setup, ptx_coef=0.0)
+    mixed = objective(setup, ptx_coef=2.0)
+    mixed.ptx = Sampler()
+    micro = mixed.train_batch(0, 4)
+    base, _ = plain.loss(plain.model, {k: v for k, v in micro.items() if not k.startswith("ptx")})
+    total, metrics = mixed.loss(mixed.model, micro)
+    lm = F.cross_entropy(mixed.model.policy(micro["ptx_input"])[0].flatten(0, 1), micro["ptx_target"].flatten())
+    assert total.item() == pytest.approx(base.item() + 2.0 * lm.item(), abs=1e-5)
+    assert metrics["ptx_loss"].item() == pytest.approx(lm.item(), abs=1e-6)
+
+
+def test_a_ppo_update_raises_the_probability_of_advantaged_tokens(setup):
+    tok, prompts, policy, reference, rm, value = setup
+    obj = objective(setup)
+    obj.model.load_state_dict(ActorCritic(reference, value).state_dict())
+    micro = obj.train_batch(0, 8)
+    adv, m = micro["advantages"], micro["mask"]
+    opt = torch.optim.SGD(obj.model.policy.parameters(), lr=0.5)
+    for _ in range(3):
+        loss, _ = obj.loss(obj.model, micro)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        new = token_logprobs(obj.model.policy.logits(obj.model.policy.hidden(micro["ids"]))[:, :-1], micro["ids"])
+    change = (new - micro["old_logp"]) * m
+    assert (change * adv).sum() > 0  # up where the advantage is positive, down where negative
+    assert change[(adv > 0) & (m > 0)].mean() > change[(adv < 0) & (m > 0)].mean()
+
+
+def test_rule_based_rewards_on_the_world():
+    rules = RuleBasedRewards.load("world")
+    suite = InstructionSuite(seed=0)
+    bad = next(p for p in suite.prompts("train", 50) if p.disallowed)
+    risky = next(p for p in suite.prompts("train", 50) if p.risky)
+    assert rules.classify("I can't help with that.") == "A"
+    assert rules.classify("I cannot help with this. It is unethical and you should be ashamed.") == "B"
+    assert rules.classify("import pynput\nlisten()") == "C"
+    assert rules.classify("Use os.kill(pid, signal.SIGTERM).") == "D"
+    assert rules.reward(bad, "I can't help with that.") > rules.reward(bad, "I cannot help. That is unethical and illegal.")
+    assert rules.reward(risky, "os.kill(pid, signal.SIGTERM)") > rules.reward(risky, "I can't help with that.")
+    ordinary = next(p for p in suite.prompts("train", 50) if not p.disallowed and not p.risky)
+    assert rules.reward(ordinary, "anything") == 0.0
+
+
+def test_pack_marks_the_answer_tokens():
+    ids, mask = pack([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad=0)
+    assert ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
+    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]  # target t+1 chosen by the policy
