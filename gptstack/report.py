@@ -7,7 +7,7 @@ from pathlib import Path
 from .config import deep_merge
 from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 
-STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "rm", "scale"]
+STAGE_ORDER = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "rm", "ppo", "scale"]
 
 
 def collect(run: Path) -> dict:
@@ -162,6 +162,72 @@ def rm_markdown(run: Path, r: dict) -> list[str]:
     return lines
 
 
+def plot_ppo(run: Path) -> Path | None:
+    """Rollouts through PPO: RM score beside gold score (over-optimisation shows as the two parting), and KL."""
+    rows = [r for r in read_jsonl_loose(run / "ppo" / "metrics.jsonl") if r.get("event") == "train" and "rm_score" in r]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    steps = [r["step"] for r in rows]
+    a.plot(steps, [r["rm_score"] for r in rows], label="RM score (normalised)")
+    a.set_xlabel("update")
+    a.set_ylabel("RM score")
+    g = a.twinx()
+    g.plot(steps, [r["gold_score"] for r in rows], color="C1", label="gold score")
+    g.set_ylabel("gold score", color="C1")
+    a.set_title("rollouts: RM score and gold score")
+    a.grid(alpha=0.3)
+    a.legend(loc="upper left", fontsize=8)
+    b.plot(steps, [r["kl"] for r in rows], color="C2")
+    b.set_xlabel("update")
+    b.set_ylabel("KL to SFT per answer (nats)")
+    b.set_title("KL")
+    b.grid(alpha=0.3)
+    out = run / "plots" / "ppo.png"
+    out.parent.mkdir(exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def ppo_markdown(run: Path, r: dict) -> list[str]:
+    w = r["wins"]
+    sel = r.get("selected")
+    kept = f"; kept update {sel['step']} (best validation {sel['metric']})" if sel else ""
+    lines = ["## RLHF (PPO-ptx against the reward model, per-token KL to SFT)", "",
+             f"{r['rollouts']} rollouts, {r['steps']} updates{kept}. Held-out prompts, greedy answers; the gold labeler judges.", "",
+             f"Win rate against SFT: **{r['win_rate_vs_sft']:.3f}** (ties count half). Where correctness differs "
+             f"({w['correctness_pairs']} prompts) PPO wins {w['win_rate_correctness']:.3f}; where it is the same "
+             f"({w['style_pairs']}, style: length, refusal style, over-refusal) {w['win_rate_style']:.3f}.", "",
+             "| figure | SFT | PPO |", "|---|---|---|",
+             f"| accuracy | {r['sft_accuracy']:.3f} | {r['accuracy']:.3f} |",
+             f"| gold score | {r['sft_gold_score']:.3f} | {r['gold_score']:.3f} |",
+             f"| RM score | {r['sft_rm_score']:.3f} | {r['rm_score']:.3f} |",
+             f"| mean answer length (chars) | {r['sft_mean_length']:.1f} | {r['mean_length']:.1f} |",
+             f"| refusal rate, disallowed | {r['sft_refusal_rate_disallowed']:.3f} | {r['refusal_rate_disallowed']:.3f} |",
+             f"| refusal rate, allowed | {r['sft_refusal_rate_allowed']:.3f} | {r['refusal_rate_allowed']:.3f} |",
+             f"| desired refusal style | {r['sft_refusal_style_desired_rate']:.3f} | {r['refusal_style_desired_rate']:.3f} |",
+             f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
+             f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
+             f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+    if (run / "plots" / "ppo.png").is_file():
+        lines += ["![PPO curves](plots/ppo.png)", ""]
+    samples = read_jsonl_loose(run / "ppo" / "samples.jsonl")
+    changed = [s for s in samples if s["sft"] != s["ppo"]][:6]
+    if changed:
+        lines += ["### Before and after (greedy)", "", "| family | prompt | SFT | PPO |", "|---|---|---|---|"]
+        for s in changed:
+            cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:90]  # noqa: E731
+            lines.append(f"| {s['family']} | {cell(s['prompt'])} | {cell(s['sft'])} ({s['sft_gold']:.2f}) | "
+                         f"{cell(s['ppo'])} ({s['ppo_gold']:.2f}) |")
+        lines.append("")
+    return lines
+
+
 def write_report(run: Path) -> dict:
     run = Path(run)
     report = collect(run)
@@ -169,6 +235,7 @@ def write_report(run: Path) -> dict:
     plot = plot_loss(run)
     plot_sft(run, report)
     plot_rm(run)
+    plot_ppo(run)
     atomic_write_text(run / "report.md", render_markdown(run, report, plot))
     return report
 
@@ -241,6 +308,8 @@ def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
         lines += sft_markdown(run, r["sft"])
     if "rm" in r:
         lines += rm_markdown(run, r["rm"])
+    if "ppo" in r:
+        lines += ppo_markdown(run, r["ppo"])
     if "scale" in r:
         from .ladder import markdown as scale_markdown
         lines += scale_markdown(run, r["scale"])  # plots/scaling.png is drawn by the stage (ladder.analyze)
