@@ -128,24 +128,27 @@ def _cfg(*overrides):
 def test_plan_counts_tokens_seeds_and_checks_the_compute_ratio():
     rungs = ladder.plan(_cfg())
     target = rungs[-1]
-    assert target.role == "target" and target.size == "L4-d96"
+    assert target.role == "target" and target.size == "L2-d128"
     fit = [r for r in rungs if r.role == "fit"]
-    assert len(fit) == 4 * 2 and len({r.seed for r in fit}) == 2
+    assert len(fit) == 5 * 2 and len({r.seed for r in fit}) == 2
     for r in fit:
         assert abs(r.tokens / (40 * r.counts["params_non_embedding"]) - 1) < 0.01
         assert r.tokens == r.steps * 16 * 128
         assert r.compute("non_embedding") <= 0.1 * target.compute("non_embedding")
     assert {r.tokens_per_param for r in rungs if r.role == "chinchilla"} == {10.0, 80.0}
     with pytest.raises(GptstackError, match="max_compute_ratio"):
-        ladder.plan(_cfg("scale.target.n_embd=64"))
+        ladder.plan(_cfg("scale.target.n_embd=96"))
     with pytest.raises(GptstackError, match="at least 3 model sizes"):
         ladder.plan(_cfg("scale.rungs=[{n_layer: 2, n_embd: 48}, {n_layer: 3, n_embd: 48}]"))
-    with pytest.raises(GptstackError, match="head_dim"):
-        ladder.plan(_cfg("scale.rungs=[{n_layer: 2, n_embd: 40}, {n_layer: 3, n_embd: 48}, {n_layer: 4, n_embd: 48}]"))
+    with pytest.raises(GptstackError, match="scale.n_head = 4 heads"):
+        ladder.plan(_cfg("scale.rungs=[{n_layer: 2, n_embd: 42}, {n_layer: 3, n_embd: 48}, {n_layer: 4, n_embd: 48}]"))
+    with pytest.raises(GptstackError, match="scale.head_dim = 16"):
+        ladder.plan(_cfg("scale.n_head=0", "scale.target.n_embd=128"))  # 40 is no multiple of 16
 
 
 def test_plan_from_widths_rule_and_presets():
-    sizes = {r.size for r in ladder.plan(_cfg("scale.widths=[48, 64, 96]", "scale.aspect=32", "scale.target={preset: tiny}"))}
+    sizes = {r.size for r in ladder.plan(_cfg("scale.widths=[48, 64, 96]", "scale.aspect=32", "scale.target={preset: tiny}",
+                                              "scale.n_head=0"))}
     assert sizes == {"L2-d48", "L2-d64", "L3-d96", "L4-d256"}
 
 
@@ -174,7 +177,23 @@ def test_fit_ladder_predicts_the_target_and_predict_reads_it(tmp_path):
     p = ladder.predict_compute(tmp_path, target.compute("non_embedding"))
     assert p["loss"] == pytest.approx(out["prediction"]["loss"]) and p["interval"][0] <= p["loss"] <= p["interval"][1]
     ext = ladder.extrapolation([r for r in ladder.records(tmp_path) if r["role"] == "fit"], None, "non_embedding", cfg.scale)
-    assert len(ext) == 1 and ext[0]["distance"] > 1 and abs(ext[0]["relative_error"]) < 0.01
+    assert len(ext) == 2 and all(e["distance"] > 1 and abs(e["relative_error"]) < 0.01 for e in ext)
+
+
+def test_sizes_in_the_bigram_regime_are_not_fitted(tmp_path):
+    cfg = _cfg("scale.bootstrap=0")
+    _fake_ladder(tmp_path, cfg)
+    recs = ladder.records(tmp_path)
+    losses = sorted({r["val_loss"] for r in recs if r["role"] == "fit"}, reverse=True)
+    atomic_write_json(tmp_path / "bigram.json", {"bigram_val_loss": (losses[1] + losses[2]) / 2})  # just above the smallest size
+    used, excluded = ladder.fitted(cfg, tmp_path, recs)
+    assert excluded == ["L2-d40"] and {r["size"] for r in used} == {"L2-d44", "L2-d48", "L2-d56", "L2-d64"}
+    assert ladder.fit_ladder(cfg, tmp_path)["fitted_runs"] == 8
+    used, excluded = ladder.fitted(_cfg("scale.fit_below_bigram=false"), tmp_path, recs)
+    assert excluded == [] and len(used) == 10
+    atomic_write_json(tmp_path / "bigram.json", {"bigram_val_loss": 1.0})  # nothing beats it
+    with pytest.raises(GptstackError, match="bigram regime"):
+        ladder.fit_ladder(cfg, tmp_path)
 
 
 def test_fit_ladder_needs_three_sizes(tmp_path):
@@ -195,7 +214,7 @@ def test_finished_rung_is_skipped(tmp_path):
 def test_scale_plan_cli(capsys):
     assert main(["scale", "plan", "scale.seeds=1"]) == 0
     out = capsys.readouterr().out
-    assert "L4-d96-tpp40-s1337" in out and "target" in out and "C no emb" in out
+    assert "L2-d128-tpp40-s1337" in out and "target" in out and "C no emb" in out
 
 
 @pytest.mark.slow
@@ -205,7 +224,7 @@ def test_tiny_ladder_end_to_end(tmp_path, monkeypatch):
     torch.set_num_threads(1)
     cfg = _cfg("scale.rungs=[{n_layer: 1, n_embd: 16}, {n_layer: 1, n_embd: 32}, {n_layer: 2, n_embd: 32}]",
                "scale.target={n_layer: 2, n_embd: 96}", "scale.tokens_per_param=3", "scale.capability_queries=50",
-               "scale.bootstrap=10", "scale.chinchilla_rungs=1", "scale.vocab_size=512")
+               "scale.bootstrap=10", "scale.chinchilla_rungs=1", "scale.vocab_size=512", "scale.fit_below_bigram=false")
     from gptstack.pipeline import run_pipeline
     report = run_pipeline(cfg, tmp_path / "run", ["scale"])
     s = report["scale"]
