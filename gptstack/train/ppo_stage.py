@@ -18,7 +18,7 @@ from ..checkpoint import load_model, read_weights, save_state_dict
 from ..data.loader import build_sampler
 from ..evals.instruct import evaluate_instructions
 from ..evals.lm import windows_loss
-from ..io import atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ..tokenizer import Tokenizer
 from ..world.instructions import InstructionSuite, gold_score
 from .ppo import ActorCritic, PPOObjective, evaluate_policy, rm_scores
@@ -91,11 +91,49 @@ def win_rate(prompts: list, ours: list[str], theirs: list[str]) -> dict:
             "excess_from_style": sum(w - 0.5 for w in by_style) / n}
 
 
+def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
+    """InstructGPT's iteration of steps 2 and 3: PPO for a share of the rollouts; then new rankings of the
+    current policy's answers, the RM retrained (from SFT) on all rankings so far, and PPO continued from
+    the current policy (the KL stays to SFT). The last round's policy is OUT's model."""
+    from ..comparisons import compare
+    from .rm import run_rm
+    p = cfg.ppo
+    per_round = dataclasses.replace(cfg, ppo=dataclasses.replace(p, rollouts=max(1, p.rollouts // p.rounds)))
+    suite = InstructionSuite(seed=cfg.sft.seed)
+    rankings = [rm_dir / "rankings.jsonl"]
+    policy, rm, result = sft_dir, rm_dir, {}
+    for k in range(1, p.rounds + 1):
+        folder = out / f"round_{k}"
+        if k > 1:
+            new = folder / "rankings.jsonl"
+            if not new.is_file():
+                log(f"[ppo] round {k}: ranking the current policy's answers ({cfg.rm.labeler} labeler)")
+                compare([str(policy)], tok, suite.prompts("train", cfg.rm.prompts // p.rounds, seed=cfg.rm.seed + 100 + k),
+                        cfg.rm.k, cfg.rm.labeler, new, cfg.rm.temperatures, cfg.rm.agreement, cfg.rm.tie_threshold,
+                        cfg.rm.max_new_tokens, cfg.rm.seed + k)
+            rankings.append(new)
+            combined = folder / "rankings_all.jsonl"
+            atomic_write_text(combined, "".join(r.read_text(encoding="utf-8") for r in rankings))
+            rm = folder / "rm"
+            if not (rm / "summary.json").is_file():
+                log(f"[ppo] round {k}: retraining the reward model on {len(rankings)} rounds of rankings")
+                run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", log)
+        log(f"[ppo] round {k} of {p.rounds}")
+        result = train_ppo(per_round, policy, rm, folder, tok, p.ptx_coef, log, reference_dir=sft_dir)
+        policy = folder
+    for name in ("model.safetensors", "value.safetensors"):
+        atomic_write_bytes(out / name, (policy / name).read_bytes())
+    return {**result, "rounds": p.rounds, "rollouts": p.rollouts}
+
+
 def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
     t0 = time.time()
     p = cfg.ppo
-    result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, log)
+    if p.rounds > 1:
+        result = train_rounds(cfg, run_policy, rm_dir, out, tok, log)
+    else:
+        result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, log)
     if not result:
         return {}
     no_ptx = None
