@@ -200,7 +200,7 @@ class ScaleConfig:
     n_head: int = 4  # heads of every rung (0: n_embd / head_dim)
     head_dim: int = 16
     # one shape family (2 layers, growing width): rungs of mixed depth and width scatter around L(C)
-    rungs: list[ScaleRung] = field(default_factory=lambda: [ScaleRung(2, w) for w in (40, 44, 48, 56, 64)])
+    rungs: list[ScaleRung] = field(default_factory=lambda: [ScaleRung(2, w) for w in (40, 44, 48, 52, 56, 60, 64)])
     widths: list[int] = field(default_factory=list)  # instead of rungs: n_layer = max(min_layers, round(width / aspect))
     aspect: float = 24.0
     min_layers: int = 2
