@@ -283,7 +283,10 @@ def predict_compute(folder: Path, compute: float) -> dict:
         raise GptstackError(f"{path}: no fit yet; run `gptstack scale fit` (or `scale run`) first")
     f = read_json(path)
     level = f["prediction"].get("level", 0.9)
-    return {**scaling.predict(f["fit"], f["bootstrap"], compute, level), "compute_definition": f["compute_definition"]}
+    out = {**scaling.predict(f["fit"], f["bootstrap"], compute, level), "compute_definition": f["compute_definition"]}
+    if f.get("chinchilla"):  # from `scale fit`: the compute-optimal N, D for this budget (C = 6·N·D)
+        out["chinchilla_compute_optimal"] = scaling.compute_optimal(f["chinchilla"], compute)
+    return out
 
 
 def bigram_loss(cfg: RunConfig, tok, folder: Path) -> float:
@@ -345,6 +348,8 @@ def analyze(cfg: RunConfig, run: Path, log=print) -> dict:
                                        "val_loss", "epochs", "seconds")} | {"pass_rate": r["capability"]["pass_rate"]}
                     for r in all_recs]
     out["chinchilla"] = _chinchilla(all_recs, target, done, sc)
+    if "fit" in out["chinchilla"] and min(out["chinchilla"]["fit"]["alpha"], out["chinchilla"]["fit"]["beta"]) > 0:
+        atomic_write_json(folder / "fit.json", {**read_json(folder / "fit.json"), "chinchilla": out["chinchilla"]["fit"]})
     out["capability"] = _capability(fit_recs, target, done, kind)
     if done:  # the stage's "finished" marker: only once the target has trained
         atomic_write_json(folder / "summary.json", {"scale": out})

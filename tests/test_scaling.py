@@ -176,6 +176,10 @@ def test_fit_ladder_predicts_the_target_and_predict_reads_it(tmp_path):
     assert abs(out["prediction"]["loss"] / truth - 1) < 0.01
     p = ladder.predict_compute(tmp_path, target.compute("non_embedding"))
     assert p["loss"] == pytest.approx(out["prediction"]["loss"]) and p["interval"][0] <= p["loss"] <= p["interval"][1]
+    assert "chinchilla_compute_optimal" not in p
+    atomic_write_json(tmp_path / "fit.json", {**out, "chinchilla": CHINCHILLA})  # what `scale fit` adds
+    co = ladder.predict_compute(tmp_path, 1e21)["chinchilla_compute_optimal"]
+    assert co == scaling.compute_optimal(CHINCHILLA, 1e21)
     ext = ladder.extrapolation([r for r in ladder.records(tmp_path) if r["role"] == "fit"], None, "non_embedding", cfg.scale)
     assert len(ext) == 4 and all(e["distance"] > 1 and abs(e["relative_error"]) < 0.01 for e in ext)
 
