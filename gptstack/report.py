@@ -214,6 +214,14 @@ def ppo_markdown(run: Path, r: dict) -> list[str]:
              f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
              f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+    c = r.get("rollout_curves") or {}
+    if c:
+        verdict = ("**Over-optimisation:** after the gold score of rollouts peaked, the RM score kept rising while gold fell."
+                   if c["detected"] else "No over-optimisation seen: gold did not fall while the RM score rose.")
+        lines += [f"Rollouts (moving average of 5 updates): gold score {c['gold_start']:.3f} at the start, peak "
+                  f"{c['gold_peak']:.3f} at update {c['gold_peak_step']} (KL {c['kl_at_gold_peak']:.2f} nats), "
+                  f"{c['gold_end']:.3f} at the end; RM score {c['rm_start']:.3f} -> {c['rm_at_gold_peak']:.3f} -> "
+                  f"{c['rm_end']:.3f}. {verdict}", ""]
     if (run / "plots" / "ppo.png").is_file():
         lines += ["![PPO curves](plots/ppo.png)", ""]
     samples = read_jsonl_loose(run / "ppo" / "samples.jsonl")

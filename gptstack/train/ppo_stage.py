@@ -18,7 +18,7 @@ from ..checkpoint import load_model, read_weights, save_state_dict
 from ..data.loader import build_sampler
 from ..evals.instruct import evaluate_instructions
 from ..evals.lm import windows_loss
-from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
 from ..world.instructions import InstructionSuite, gold_score
 from .ppo import ActorCritic, PPOObjective, evaluate_policy, rm_scores
@@ -126,6 +126,26 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, lo
     return {**result, "rounds": p.rounds, "rollouts": p.rollouts}
 
 
+def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
+    """The rollouts' RM score and gold score through training (moving averages over `window` updates):
+    where gold peaked, and whether the RM score kept rising after it while gold fell (over-optimisation)."""
+    rows = [r for r in read_jsonl_loose(metrics_path) if r.get("event") == "train" and "gold_score" in r]
+    if len(rows) < 2 * window:
+        return {}
+
+    def smooth(key):
+        xs = [r[key] for r in rows]
+        return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+    gold, rm = smooth("gold_score"), smooth("rm_score")
+    peak = max(range(len(gold)), key=gold.__getitem__)
+    out = {"gold_start": gold[window - 1], "gold_peak": gold[peak], "gold_peak_step": rows[peak]["step"],
+           "gold_end": gold[-1], "rm_start": rm[window - 1], "rm_at_gold_peak": rm[peak], "rm_end": rm[-1],
+           "kl_at_gold_peak": rows[peak].get("kl")}
+    out["detected"] = bool(gold[-1] < gold[peak] - 0.02 and rm[-1] > rm[peak] + 0.05)
+    return out
+
+
 def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
     t0 = time.time()
@@ -170,6 +190,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
         json.dumps({"family": s["family"], "system": s["system"], "prompt": s["prompt"], "sft": b["answer"],
                     "ppo": s["answer"], "sft_gold": b["gold_score"], "ppo_gold": s["gold_score"]}) + "\n"
         for s, b in zip(samples, base_samples)))
+    result["rollout_curves"] = overoptimisation(out / "metrics.jsonl" if p.rounds == 1 else out / f"round_{p.rounds}" / "metrics.jsonl")
     result["seconds"] = time.time() - t0
     summary = {"ppo": result}
     atomic_write_json(out / "summary.json", summary)
