@@ -22,7 +22,7 @@ from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_
 from ..tokenizer import Tokenizer
 from ..world.instructions import InstructionSuite, gold_score
 from .ppo import ActorCritic, PPOObjective, evaluate_policy, rm_scores
-from .rm import load_reward_model
+from .rm import load_reward_model, scalar_flops_per_token
 from .trainer import Trainer
 
 
@@ -52,7 +52,7 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     train_cfg = dataclasses.replace(p.train, steps=steps, batch_size=p.rollout_batch // p.minibatches,
                                     eval_every=p.eval_every_rollouts * updates, select_by=p.select_by,
                                     ckpt_every=min(p.train.ckpt_every // updates * updates or updates, steps))
-    fpt = policy.flops_per_token(64) + value.gpt.flops_per_token(64)
+    fpt = policy.flops_per_token(64) + scalar_flops_per_token(value.gpt, 64)  # the rollouts' generation not counted
     objective = PPOObjective(p, model, reference, rm, tok, prompts, ptx, rules, val_prompts, fpt)
     trainer = Trainer(train_cfg, model, objective, out, metadata={**policy.metadata(), "gptstack.kind": "actor_critic"},
                       desc=f"ppo{'' if p.ptx_coef > 0 else ' (no ptx)'}")

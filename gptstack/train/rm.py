@@ -26,6 +26,11 @@ from ..tokenizer import Tokenizer
 from .trainer import Trainer
 
 
+def scalar_flops_per_token(gpt: GPT, seq_len: int) -> float:
+    """Training FLOPs per token of the decoder under a scalar head: no unembedding matmul."""
+    return gpt.flops_per_token(seq_len) - 6 * gpt.cfg.vocab_size * gpt.cfg.n_embd
+
+
 class RewardModel(nn.Module):
     """r(x, y): the decoder's hidden state at the answer's last token (its <|end|>) through a scalar head.
     `gain` and `bias` normalise the raw score (set after training so SFT answers score mean 0, std 1)."""
@@ -236,7 +241,7 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     steps = r.train.steps or max(1, math.ceil(r.epochs * len(train) / r.train.batch_size))
     train_cfg = dataclasses.replace(r.train, steps=steps, ckpt_every=min(r.train.ckpt_every, steps))
     mean_len = sum(len(s) for seqs, _ in train.examples for s in seqs) / sum(len(seqs) for seqs, _ in train.examples)
-    objective = RMObjective(train, val, train_cfg.seed, model.gpt.flops_per_token(int(mean_len)))
+    objective = RMObjective(train, val, train_cfg.seed, scalar_flops_per_token(model.gpt, int(mean_len)))
     trainer = Trainer(train_cfg, model, objective, out, metadata=reward_metadata(model.gpt), desc="rm")
     summary = trainer.fit()
     if not trainer.is_main:
