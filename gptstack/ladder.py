@@ -492,7 +492,8 @@ def markdown(run: Path, s: dict) -> list[str]:
              f"({s['target']['params']:,} with), {s['target']['tokens']:,} tokens |",
              f"| compute ratio (target / largest fitted rung) | {s['compute_ratio']:.1f} ({s['compute_ratio_other']:.1f} counting C the other way) |",
              f"| predicted loss{' (before training)' if s['predicted_before_training'] else ''} | {s['predicted_loss']:.4f} "
-             f"[{s['predicted_interval'][0]:.4f}, {s['predicted_interval'][1]:.4f}] ({s['interval_level']:.0%} bootstrap) |"]
+             f"[{s['predicted_interval'][0]:.4f}, {s['predicted_interval'][1]:.4f}] ({s['interval_level']:.0%} bootstrap over seeds: "
+             "run-to-run noise, not the error of the functional form) |"]
     if "actual_loss" in s:
         lines += [f"| actual loss | {s['actual_loss']:.4f} |", f"| relative error | {s['relative_error']:+.2%} |"]
     o = s["other_compute"]
