@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the run folder, e.g. runs/demo")
     p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval,prompting,finetune,sft,rm,ppo,scale, or 'all' "
-                   "(default: all but finetune; finished stages are skipped)")
+                   "(default: tokenizer,pretrain,eval,prompting,sft; finished stages are skipped)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
