@@ -52,9 +52,9 @@ def _parse_source(spec: str):
 # ---------------------------------------------------------------- verbs
 
 def cmd_pipeline(args):
-    from .pipeline import DEFAULT_STAGES, STAGES, run_pipeline
+    from .pipeline import DEFAULT_STAGES, NAMED_ONLY, STAGES, run_pipeline
     cfg = _resolve(args)
-    stages = STAGES if args.stages == "all" else args.stages.split(",") if args.stages else DEFAULT_STAGES
+    stages = [s for s in STAGES if s not in NAMED_ONLY] if args.stages == "all" else args.stages.split(",") if args.stages else DEFAULT_STAGES
     report = run_pipeline(cfg, Path(args.out), stages)
     if report:
         print(f"report: {Path(args.out) / 'report.md'}")
@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the run folder, e.g. runs/demo")
     p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval,prompting,finetune,sft,rm,ppo,scale, or 'all' "
-                   "(default: tokenizer,pretrain,eval,prompting,sft; finished stages are skipped)")
+                   "(default: tokenizer,pretrain,eval,prompting,sft; 'all' leaves out scale; finished stages are skipped)")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 

@@ -28,7 +28,8 @@ from .train.sft import run_sft
 from .train.trainer import RESUMABLE_KEYS
 
 STAGES = ["tokenizer", "pretrain", "eval", "prompting", "finetune", "sft", "rm", "ppo", "scale"]
-# scale (a ladder of pretrain runs into RUN/scale, ~30 CPU minutes) is opt-in: --stages scale
+# scale (a ladder of pretrain runs into RUN/scale, ~30 CPU minutes) runs only when --stages names it, never by "all"
+NAMED_ONLY = ["scale"]
 # what `pipeline` runs unless --stages says otherwise; finetune (12 fine-tuning runs: 4 tasks x
 # pretrained / from scratch / λ = 0) is opt-in while it costs more than the rest of the demo together
 DEFAULT_STAGES = ["tokenizer", "pretrain", "eval", "prompting", "sft"]

@@ -238,3 +238,12 @@ def test_tiny_ladder_end_to_end(tmp_path, monkeypatch):
     assert s["relative_error"] == pytest.approx((s["predicted_loss"] - s["actual_loss"]) / s["actual_loss"])
     assert (tmp_path / "run" / "plots" / "scaling.png").is_file()
     assert "Predictable scaling" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_all_stages_leave_out_the_ladder(tmp_path, monkeypatch):
+    import gptstack.pipeline as pipeline
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda cfg, run, stages: seen.append(stages) or {})
+    assert main(["pipeline", "--out", str(tmp_path), "--stages", "all"]) == 0
+    assert main(["pipeline", "--out", str(tmp_path), "--stages", "scale"]) == 0
+    assert "scale" not in seen[0] and "pretrain" in seen[0] and seen[1] == ["scale"]
