@@ -319,7 +319,7 @@ def render_markdown(run: Path, r: dict, plot: Path | None) -> str:
     if "ppo" in r:
         lines += ppo_markdown(run, r["ppo"])
     if "scale" in r:
-        from .ladder import markdown as scale_markdown
+        from .scale_report import markdown as scale_markdown
         lines += scale_markdown(run, r["scale"])  # plots/scaling.png is drawn by the stage (ladder.analyze)
     lines += ["## report.json", "", "```json", json.dumps(r, indent=1)[:4000], "```", ""]
     return "\n".join(lines)
