@@ -184,3 +184,18 @@ def test_pack_marks_the_answer_tokens():
     ids, mask = pack([[5, 6, 7], [8]], [[1, 2], [3, 4, 9]], pad=0)
     assert ids.tolist() == [[5, 6, 7, 1, 2], [8, 3, 4, 9, 0]]
     assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]  # target t+1 chosen by the policy
+
+
+def test_overoptimisation_is_called_out(tmp_path):
+    import json
+    from gptstack.train.ppo_stage import overoptimisation
+    path = tmp_path / "metrics.jsonl"
+    # gold rises then falls while the RM score keeps rising: the prototype's failure mode
+    rows = [{"event": "train", "step": s, "rm_score": 0.05 * s, "gold_score": 0.5 + 0.01 * min(s, 20) - 0.01 * max(0, s - 20),
+             "kl": 0.1 * s} for s in range(1, 41)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = overoptimisation(path)
+    assert c["detected"] and 18 <= c["gold_peak_step"] <= 24 and c["rm_end"] > c["rm_at_gold_peak"]
+    honest = [{**r, "gold_score": 0.5 + 0.005 * r["step"]} for r in rows]  # gold keeps rising with the RM
+    path.write_text("".join(json.dumps(r) + "\n" for r in honest))
+    assert not overoptimisation(path)["detected"]
