@@ -89,6 +89,7 @@ def _finetune_train() -> "TrainConfig":
 class FinetuneConfig:
     tasks: list[str] = field(default_factory=lambda: ["module", "value_claim", "renamed", "continuation"])
     epochs: float = 3.0
+    task_epochs: dict[str, float] = field(default_factory=dict)  # built-in task -> epochs, where it differs from `epochs`
     warmup_fraction: float = 0.002  # GPT-1: 0.2% of training
     lm_coef: float = 0.5  # λ in L3 = L2 + λ·L1 (0 turns the auxiliary LM loss off)
     head_dropout: float = 0.1
@@ -155,7 +156,7 @@ class RMConfig:
 
 def _ppo_train() -> "TrainConfig":
     # one step = one minibatch update; steps = rollouts x ppo_epochs x minibatches (set by the stage)
-    return TrainConfig(steps=0, batch_size=32, lr=2e-5, schedule="constant", min_lr_ratio=1.0, warmup_steps=1,
+    return TrainConfig(steps=0, batch_size=32, lr=3e-5, schedule="constant", min_lr_ratio=1.0, warmup_steps=1,
                        weight_decay=0.0, log_every=1, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
 
 
@@ -179,8 +180,8 @@ class PPOConfig:
     lam: float = 0.95
     whiten: bool = True
     no_end_penalty: float = 1.0  # subtracted from the score of an answer that ends without <|end|>
-    ptx_coef: float = 1.0  # γ of PPO-ptx: γ·L1 on pretraining data in the same update (0: plain PPO)
-    ptx_seq_len: int = 128  # tokens per pretraining row in the ptx term
+    ptx_coef: float = 0.2  # γ of PPO-ptx: γ·L1 on pretraining data in the same update (0: plain PPO)
+    ptx_seq_len: int = 64  # tokens per pretraining row in the ptx term (one row per answer in the minibatch)
     rbrm: str = ""  # rule-based rewards: a rubric YAML, or "world" for the built-in one ("": none)
     rbrm_coef: float = 1.0
     rounds: int = 1  # > 1: new rankings from the current policy, RM retrained on all, PPO continued

@@ -292,9 +292,9 @@ def run_finetune_stage(cfg, run: Path, tok: Tokenizer, log=print) -> dict:
     from a random initialisation and with λ = 0."""
     from ..world.tasks import TASKS, build_tasks
     f = cfg.finetune
-    unknown = [t for t in f.tasks if t not in TASKS]
+    unknown = [t for t in [*f.tasks, *f.task_epochs] if t not in TASKS]
     if unknown:
-        raise GptstackError(f"config 'finetune.tasks': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+        raise GptstackError(f"config 'finetune.tasks' / 'finetune.task_epochs': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
     info = build_tasks(run / "finetune" / "data", seed=f.train.seed)
     pretrained = run / "pretrain"
     results = {}
@@ -304,9 +304,10 @@ def run_finetune_stage(cfg, run: Path, tok: Tokenizer, log=print) -> dict:
         if f.baselines:
             variants |= {"scratch": (None, f.lm_coef), "lambda0": (pretrained, 0.0)}
         got = {}
+        task_cfg = dataclasses.replace(f, epochs=f.task_epochs.get(task, f.epochs))
         for name, (init, lm_coef) in variants.items():
             log(f"[finetune] {task} ({kind}), {name}")
-            got[name] = finetune(f, kind, tok, run / "finetune" / task / name, files["train"], files["val"], files["test"],
+            got[name] = finetune(task_cfg, kind, tok, run / "finetune" / task / name, files["train"], files["val"], files["test"],
                                  init=init, model_cfg=cfg.model, lm_coef=lm_coef, desc=f"{task}/{name}")
         main = got["pretrained"]
         if not main:  # a rank other than 0 under torchrun: it trained alongside, rank 0 reports
