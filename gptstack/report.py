@@ -214,6 +214,11 @@ def ppo_markdown(run: Path, r: dict) -> list[str]:
              f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
              f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+    n = r.get("no_ptx")
+    if n:
+        lines += [f"The same run without the ptx term (γ = 0): win rate {n['win_rate_vs_sft']:.3f}, accuracy "
+                  f"{n['accuracy']:.3f}, gold score {n['gold_score']:.3f}, KL {n['kl']:.2f} nats, pretraining val loss "
+                  f"{r['pretrain_val_loss_delta_no_ptx']:+.3f} (with ptx: {r['pretrain_val_loss_delta']:+.3f}).", ""]
     c = r.get("rollout_curves") or {}
     if c:
         verdict = ("**Over-optimisation:** after the gold score of rollouts peaked, the RM score kept rising while gold fell."

@@ -184,8 +184,12 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
                "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
     if no_ptx is not None:
         result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(load_model(no_ptx, "auto"), sampler, tokens) - loss_sft
-        nop = evaluate_policy(load_model(no_ptx, "auto"), sft, rm, tok, prompts, p)
-        result["no_ptx"] = {k: v for k, v in nop.items() if not isinstance(v, dict)}
+        nop_model = load_model(no_ptx, "auto")
+        nop = evaluate_policy(nop_model, sft, rm, tok, prompts, p)
+        _, nop_samples = evaluate_instructions(nop_model, tok, prompts, p.max_new_tokens)
+        nop_wins = win_rate(prompts, [s["answer"] for s in nop_samples], [s["answer"] for s in base_samples])
+        result["no_ptx"] = {**{k: v for k, v in nop.items() if not isinstance(v, dict)},
+                            "win_rate_vs_sft": nop_wins["win_rate"], "wins": nop_wins}
     atomic_write_text(out / "samples.jsonl", "".join(
         json.dumps({"family": s["family"], "system": s["system"], "prompt": s["prompt"], "sft": b["answer"],
                     "ppo": s["answer"], "sft_gold": b["gold_score"], "ppo_gold": s["gold_score"]}) + "\n"
