@@ -95,7 +95,7 @@ def test_prompting_and_finetune_stages_extend_a_finished_run(trained_run, corpus
     import shutil
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "all", *TINY, "pretrain.steps=40",
+    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "prompting,finetune", *TINY, "pretrain.steps=40",
                    "prompting.limit=8", "prompting.shots=[0,1]", "finetune.tasks=[value_claim]", "finetune.epochs=0.05")
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((run / "report.json").read_text())

@@ -18,6 +18,13 @@ def conversation(prompt: Prompt) -> list[dict]:
     return system + [{"role": "user", "content": prompt.user}]
 
 
+def prompt_ids(tok: Tokenizer, conversations: list[list[dict]], n_ctx: int, max_new_tokens: int) -> list[list[int]]:
+    """Each conversation rendered with an open assistant turn; one too long for the context keeps its
+    end (the request and the open turn), leaving room for the answer."""
+    budget = n_ctx - min(max_new_tokens, n_ctx // 2)
+    return [tok.render_chat(c, for_generation=True)[0][-budget:] for c in conversations]
+
+
 def respond(model, tok: Tokenizer, conversations: list[list[dict]], max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64, seed: int = 0):
     """The assistant's next turn for each conversation: (text, Generation) pairs. A turn cut off by the
@@ -25,8 +32,7 @@ def respond(model, tok: Tokenizer, conversations: list[list[dict]], max_new_toke
     end = tok.special["<|end|>"]
     out = []
     for start in range(0, len(conversations), batch_size):
-        chunk = conversations[start:start + batch_size]
-        ids = [tok.render_chat(c, for_generation=True)[0] for c in chunk]
+        ids = prompt_ids(tok, conversations[start:start + batch_size], model.cfg.n_ctx, max_new_tokens)
         gens = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=(end,),
                         pad_id=tok.pad, seed=seed + start)
         for g in gens:

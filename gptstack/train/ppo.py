@@ -155,8 +155,8 @@ class PPOObjective:
     # ------------------------------------------------------------ rollouts
 
     def _conversations(self, prompts):
-        from ..evals.instruct import conversation
-        return [self.tok.render_chat(conversation(p), for_generation=True)[0] for p in prompts]
+        from ..evals.instruct import conversation, prompt_ids
+        return prompt_ids(self.tok, [conversation(p) for p in prompts], self.model.policy.cfg.n_ctx, self.cfg.max_new_tokens)
 
     @torch.no_grad()
     def make_rollout(self, index: int) -> dict:
@@ -252,13 +252,13 @@ class PPOObjective:
 def evaluate_policy(policy: GPT, reference: GPT, rm: RewardModel, tok, prompts: list, cfg) -> dict:
     """Greedy answers to held-out prompts scored by the gold labeler and the RM, and the KL to the
     reference per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref)."""
-    from ..evals.instruct import conversation, evaluate_instructions
+    from ..evals.instruct import conversation, evaluate_instructions, prompt_ids
     figures, samples = evaluate_instructions(policy, tok, prompts, cfg.max_new_tokens)
     figures["rm_score"] = sum(rm_scores(rm, tok, prompts, [s["answer"] for s in samples])) / len(prompts)
     end = tok.special["<|end|>"]
-    prompt_ids = [tok.render_chat(conversation(p), for_generation=True)[0] for p in prompts]
-    gens = sample(policy, prompt_ids, cfg.max_new_tokens, 1.0, end, tok.pad, seed=cfg.seed)
-    ids, mask = pack(prompt_ids, [g.tokens for g in gens], tok.pad)
+    ids_in = prompt_ids(tok, [conversation(p) for p in prompts], policy.cfg.n_ctx, cfg.max_new_tokens)
+    gens = sample(policy, ids_in, cfg.max_new_tokens, 1.0, end, tok.pad, seed=cfg.seed)
+    ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
     device = next(policy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
     logp = token_logprobs(policy.logits(policy.hidden(ids))[:, :-1].float(), ids)
