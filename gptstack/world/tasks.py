@@ -33,7 +33,7 @@ TASKS = {  # name -> (kind, chance accuracy)
 }
 SIZES = {"train": 800, "val": 200, "test": 400}
 # tasks whose records are short, or that need more examples to learn, get more training records
-TRAIN_SIZES = {"value_claim": 3000, "renamed": 3000}
+TRAIN_SIZES = {"value_claim": 8000, "renamed": 3000}
 RENAMED_LINES = 3  # code lines per snippet
 MODULES = ["_pydecimal.py", "argparse.py", "tarfile.py", "typing.py"]  # large, distinct in vocabulary
 MODULE_FALLBACKS = ["inspect.py", "doctest.py", "pathlib.py", "subprocess.py", "ssl.py", "pickle.py"]
