@@ -65,3 +65,11 @@ def build_sampler(data_cfg, tok, seq_len: int, seed: int) -> TokenSampler:
     from .tokens import tokenize_source
     splits = [tokenize_source(s, tok, data_cfg.val_fraction, data_cfg.skip_bad) for s in data_cfg.sources]
     return TokenSampler(splits, [s.weight for s in data_cfg.sources], seq_len, seed)
+
+
+def epoch_indices(seed: int, step: int, n: int, size: int) -> list[int]:
+    """The example indices of step `step`'s batch of `n` when training makes epochs over `size`
+    examples, reshuffled each epoch: a pure function of the step, so resume is exact."""
+    idx = np.arange(step * n, (step + 1) * n)
+    order = {e: np.random.default_rng((seed, int(e))).permutation(size) for e in np.unique(idx // size)}
+    return [int(order[i // size][i % size]) for i in idx]

@@ -15,7 +15,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_model, read_weights
 from ..config import FinetuneConfig
 from ..data.records import label_set, read_task_records
+from ..data.loader import epoch_indices
 from ..errors import GptstackError
 from ..io import atomic_write_json
 from ..model import GPT, Head
@@ -158,11 +158,7 @@ class FinetuneObjective:
         self.choices = kind == "multiple_choice"
 
     def train_batch(self, step: int, n: int) -> dict:
-        # epochs over the training set, reshuffled each epoch; a pure function of step
-        N = len(self.train)
-        idx = np.arange(step * n, (step + 1) * n)
-        order = {e: np.random.default_rng((self.seed, int(e))).permutation(N) for e in np.unique(idx // N)}
-        return self.train.batch([int(order[i // N][i % N]) for i in idx])
+        return self.train.batch(epoch_indices(self.seed, step, n, len(self.train)))
 
     def weight(self, micro: dict) -> int:
         return len(micro["label"])

@@ -13,12 +13,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import inference_device, model_path, read_weights, save_state_dict
+from ..data.loader import epoch_indices
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import GPT, Head
@@ -138,10 +138,7 @@ class RMObjective:
         self.train, self.val, self.seed, self._flops = train, val, seed, flops_per_token
 
     def train_batch(self, step: int, n: int) -> dict:
-        N = len(self.train)  # epochs over the rankings, reshuffled each epoch; a pure function of step
-        idx = np.arange(step * n, (step + 1) * n)
-        order = {e: np.random.default_rng((self.seed, int(e))).permutation(N) for e in np.unique(idx // N)}
-        return self.train.batch([int(order[i // N][i % N]) for i in idx])
+        return self.train.batch(epoch_indices(self.seed, step, n, len(self.train)))
 
     def weight(self, micro: dict) -> int:
         return int(pair_mask(micro["ranks"]).sum())

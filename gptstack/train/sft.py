@@ -10,12 +10,12 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..checkpoint import load_model
 from ..config import RunConfig, SFTConfig
 from ..data.records import read_sft_records
+from ..data.loader import epoch_indices
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text
 from ..tokenizer import Tokenizer
@@ -58,11 +58,7 @@ class SFTObjective:
         self.tok, self.eval_prompts, self.max_new_tokens = tok, eval_prompts, max_new_tokens
 
     def train_batch(self, step: int, n: int) -> dict:
-        # epochs over the demonstrations, reshuffled each epoch; a pure function of step
-        N = len(self.train)
-        idx = np.arange(step * n, (step + 1) * n)
-        order = {e: np.random.default_rng((self.seed, int(e))).permutation(N) for e in np.unique(idx // N)}
-        return self.train.batch([int(order[i // N][i % N]) for i in idx])
+        return self.train.batch(epoch_indices(self.seed, step, n, len(self.train)))
 
     def weight(self, micro: dict) -> int:
         return int((micro["target"] != -100).sum())
