@@ -6,6 +6,18 @@ import json
 from pathlib import Path
 
 
+def _stage_folder(source: str, out: str | None, stage: str):
+    """(the tokenizer beside `source`, the output folder): `out`, or STAGE/ beside the source folder.
+    An output outside a run folder gets its own copy of the tokenizer, so chat and later stages find it."""
+    from .checkpoint import find_tokenizer
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.load(find_tokenizer(source))
+    folder = Path(out) if out else Path(source).parent / stage
+    if not (folder.parent / "tokenizer.json").is_file():
+        tok.save(folder / "tokenizer.json")
+    return tok, folder
+
+
 def _readline() -> None:
     try:
         importlib.import_module("readline")  # line editing and history for input()
@@ -15,15 +27,10 @@ def _readline() -> None:
 
 def cmd_sft(args):
     from . import config
-    from .checkpoint import find_tokenizer
-    from .tokenizer import Tokenizer
     from .train.sft import run_sft
     overrides = list(args.overrides) + ([f"sft.data={args.data}"] if args.data else [])
     cfg = config.resolve(args.preset, args.config, overrides)
-    tok = Tokenizer.load(find_tokenizer(args.init))
-    out = Path(args.out) if args.out else Path(args.init).parent / "sft"
-    if not (out.parent / "tokenizer.json").is_file():
-        tok.save(out / "tokenizer.json")  # chat and the later stages find it beside the model
+    tok, out = _stage_folder(args.init, args.out, "sft")
     r = run_sft(cfg, Path(args.init), out, tok).get("sft", {})
     print(f"model: {out / 'model.safetensors'}")
     if "accuracy" in r:
@@ -68,14 +75,9 @@ def cmd_compare(args):
 
 def cmd_rm(args):
     from . import config
-    from .checkpoint import find_tokenizer
-    from .tokenizer import Tokenizer
     from .train.rm import run_rm
     cfg = config.resolve(args.preset, args.config, args.overrides)
-    tok = Tokenizer.load(find_tokenizer(args.init))
-    out = Path(args.out) if args.out else Path(args.init).parent / "rm"
-    if not (out.parent / "tokenizer.json").is_file():
-        tok.save(out / "tokenizer.json")
+    tok, out = _stage_folder(args.init, args.out, "rm")
     r = run_rm(cfg, Path(args.init), out, tok, Path(args.data) if args.data else None,
                Path(args.val) if args.val else None).get("rm", {})
     print(f"reward model: {out / 'model.safetensors'}")
@@ -84,8 +86,6 @@ def cmd_rm(args):
 
 def cmd_ppo(args):
     from . import config
-    from .checkpoint import find_tokenizer
-    from .tokenizer import Tokenizer
     from .train.ppo_stage import run_ppo
     overrides = list(args.overrides)
     for key, value in (("ptx_coef", args.ptx_coef), ("kl_coef", args.kl_coef), ("kl_target", args.kl_target),
@@ -93,10 +93,7 @@ def cmd_ppo(args):
         if value is not None:
             overrides.append(f"ppo.{key}={value}")
     cfg = config.resolve(args.preset, args.config, overrides)
-    tok = Tokenizer.load(find_tokenizer(args.policy))
-    out = Path(args.out) if args.out else Path(args.policy).parent / "ppo"
-    if not (out.parent / "tokenizer.json").is_file():
-        tok.save(out / "tokenizer.json")
+    tok, out = _stage_folder(args.policy, args.out, "ppo")
     r = run_ppo(cfg, Path(args.policy), Path(args.rm), out, tok).get("ppo", {})
     print(f"policy: {out / 'model.safetensors'}")
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
