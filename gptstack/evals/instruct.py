@@ -41,10 +41,9 @@ def respond(model, tok: Tokenizer, conversations: list[list[dict]], max_new_toke
     return out
 
 
-def score_answers(prompts: list[Prompt], answers: list[str]) -> dict:
-    """The report's figures for a set of answers: gold score, correctness accuracy (the right answer,
-    whatever the style), both by family, and the refusal rates."""
-    scores = [gold_score(p, a) for p, a in zip(prompts, answers)]
+def score_answers(prompts: list[Prompt], answers: list[str], scores: list) -> dict:
+    """The report's figures for a set of answers and their gold scores: gold score, correctness accuracy
+    (the right answer, whatever the style), both by family, and the refusal rates."""
     fam = defaultdict(list)
     for p, s in zip(prompts, scores):
         fam[p.family].append(s)
@@ -73,8 +72,7 @@ def evaluate_instructions(model, tok: Tokenizer, prompts: list[Prompt], max_new_
     """Greedy answers to `prompts`, scored; returns (figures, per-prompt samples)."""
     got = respond(model, tok, [conversation(p) for p in prompts], max_new_tokens, batch_size=batch_size)
     answers = [text for text, _ in got]
-    figures = score_answers(prompts, answers)
+    scores = [gold_score(p, a) for p, a in zip(prompts, answers)]
     samples = [{"family": p.family, "system": p.system, "prompt": p.user, "answer": a, "gold_answer": p.answer,
-                "correct": s.correct, "gold_score": s.total}
-               for p, a, s in ((p, a, gold_score(p, a)) for p, a in zip(prompts, answers))]
-    return figures, samples
+                "correct": s.correct, "gold_score": s.total} for p, a, s in zip(prompts, answers, scores)]
+    return score_answers(prompts, answers, scores), samples

@@ -241,7 +241,7 @@ class PPOObjective:
     def evaluate(self, model) -> dict:
         if not self.eval_prompts:
             return {}
-        figures = evaluate_policy(model.policy, self.reference, self.rm, self.tok, self.eval_prompts, self.cfg)
+        figures, _ = evaluate_policy(model.policy, self.reference, self.rm, self.tok, self.eval_prompts, self.cfg)
         return {f"val_{k}": v for k, v in figures.items() if not isinstance(v, dict)}
 
     def flops_per_token(self) -> float:
@@ -249,9 +249,10 @@ class PPOObjective:
 
 
 @torch.no_grad()
-def evaluate_policy(policy: GPT, reference: GPT, rm: RewardModel, tok, prompts: list, cfg) -> dict:
+def evaluate_policy(policy: GPT, reference: GPT, rm: RewardModel, tok, prompts: list, cfg) -> tuple[dict, list[dict]]:
     """Greedy answers to held-out prompts scored by the gold labeler and the RM, and the KL to the
-    reference per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref)."""
+    reference per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns
+    (figures, the greedy answers as samples)."""
     from ..evals.instruct import conversation, evaluate_instructions, prompt_ids
     figures, samples = evaluate_instructions(policy, tok, prompts, cfg.max_new_tokens)
     figures["rm_score"] = sum(rm_scores(rm, tok, prompts, [s["answer"] for s in samples])) / len(prompts)
@@ -264,7 +265,7 @@ def evaluate_policy(policy: GPT, reference: GPT, rm: RewardModel, tok, prompts: 
     logp = token_logprobs(policy.logits(policy.hidden(ids))[:, :-1].float(), ids)
     ref = token_logprobs(reference.logits(reference.hidden(ids))[:, :-1].float(), ids)
     figures["kl"] = float(((logp - ref) * mask).sum(1).mean())
-    return figures
+    return figures, samples
 
 
 @torch.no_grad()

@@ -167,9 +167,8 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
     sft, ppo = load_model(run_policy, "auto"), load_model(out, "auto")
     rm = load_reward_model(rm_dir, "auto")
     log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against SFT")
-    ours = evaluate_policy(ppo, sft, rm, tok, prompts, p)
+    ours, samples = evaluate_policy(ppo, sft, rm, tok, prompts, p)
     base, base_samples = evaluate_instructions(sft, tok, prompts, p.max_new_tokens)
-    _, samples = evaluate_instructions(ppo, tok, prompts, p.max_new_tokens)
     wins = win_rate(prompts, [s["answer"] for s in samples], [s["answer"] for s in base_samples])
     base_rm = sum(rm_scores(rm, tok, prompts, [s["answer"] for s in base_samples])) / len(prompts)
     sampler = build_sampler(cfg.data, tok, cfg.model.n_ctx, cfg.pretrain.seed)
@@ -184,9 +183,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
                "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
     if no_ptx is not None:
         result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(load_model(no_ptx, "auto"), sampler, tokens) - loss_sft
-        nop_model = load_model(no_ptx, "auto")
-        nop = evaluate_policy(nop_model, sft, rm, tok, prompts, p)
-        _, nop_samples = evaluate_instructions(nop_model, tok, prompts, p.max_new_tokens)
+        nop, nop_samples = evaluate_policy(load_model(no_ptx, "auto"), sft, rm, tok, prompts, p)
         nop_wins = win_rate(prompts, [s["answer"] for s in nop_samples], [s["answer"] for s in base_samples])
         result["no_ptx"] = {**{k: v for k, v in nop.items() if not isinstance(v, dict)},
                             "win_rate_vs_sft": nop_wins["win_rate"], "wins": nop_wins}
