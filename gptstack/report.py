@@ -1,6 +1,8 @@
 """report.json (the stable figures) and report.md (the same, for people, with plots)."""
 from __future__ import annotations
 
+from . import plots
+
 import json
 from pathlib import Path
 
@@ -25,10 +27,7 @@ def plot_loss(run: Path) -> Path | None:
     evals = [r for r in rows if r.get("event") == "eval" and "val_loss" in r]
     if not train:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plots.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val loss", ms=4)
     rep = collect(run).get("pretrain", {})
@@ -39,12 +38,7 @@ def plot_loss(run: Path) -> Path | None:
     ax.set_title(f"pretraining: {run.name}")
     ax.grid(alpha=0.3)
     ax.legend()
-    out = run / "plots" / "loss.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, run / "plots" / "loss.png")
 
 
 def plot_sft(run: Path, report: dict) -> Path | None:
@@ -52,12 +46,9 @@ def plot_sft(run: Path, report: dict) -> Path | None:
     r = report.get("sft", {})
     if "by_family" not in r:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fams = list(r["by_family"])
     x = range(len(fams))
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(fams) + 2), 3.8))
+    fig, ax = plots.subplots(figsize=(max(6, 0.8 * len(fams) + 2), 3.8))
     ax.bar([i - 0.2 for i in x], [r["base_by_family"][f]["accuracy"] for f in fams], 0.4, label="pretrained (prompted)")
     ax.bar([i + 0.2 for i in x], [r["by_family"][f]["accuracy"] for f in fams], 0.4, label="SFT")
     ax.set_xticks(list(x), fams, rotation=30, ha="right")
@@ -66,12 +57,7 @@ def plot_sft(run: Path, report: dict) -> Path | None:
     ax.set_title("instruction following on unseen templates")
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
-    out = run / "plots" / "sft.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, run / "plots" / "sft.png")
 
 
 def sft_markdown(run: Path, r: dict) -> list[str]:
@@ -116,26 +102,17 @@ def plot_rm(run: Path) -> Path | None:
     rows = read_jsonl_loose(run / "rm" / "val_scores.jsonl")
     if not rows:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plots.subplots(figsize=(6.5, 4.5))
     fams = sorted({r["family"] for r in rows})
-    cmap = plt.get_cmap("tab10")
     for i, f in enumerate(fams):
         pts = [r for r in rows if r["family"] == f]
-        ax.scatter([r["gold_score"] for r in pts], [r["reward"] for r in pts], s=9, alpha=0.6, color=cmap(i % 10), label=f)
+        ax.scatter([r["gold_score"] for r in pts], [r["reward"] for r in pts], s=9, alpha=0.6, color=f"C{i % 10}", label=f)
     ax.set_xlabel("gold score")
     ax.set_ylabel("reward (normalised: SFT answers mean 0, std 1)")
     ax.set_title("reward model on held-out answers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, markerscale=1.5, ncol=2)
-    out = run / "plots" / "rm_vs_gold.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, run / "plots" / "rm_vs_gold.png")
 
 
 def rm_markdown(run: Path, r: dict) -> list[str]:
@@ -167,10 +144,7 @@ def plot_ppo(run: Path) -> Path | None:
     rows = [r for r in read_jsonl_loose(run / "ppo" / "metrics.jsonl") if r.get("event") == "train" and "rm_score" in r]
     if not rows:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b) = plots.subplots(1, 2, figsize=(10, 3.8))
     steps = [r["step"] for r in rows]
     a.plot(steps, [r["rm_score"] for r in rows], label="RM score (normalised)")
     a.set_xlabel("update")
@@ -186,12 +160,7 @@ def plot_ppo(run: Path) -> Path | None:
     b.set_ylabel("KL to SFT per answer (nats)")
     b.set_title("KL")
     b.grid(alpha=0.3)
-    out = run / "plots" / "ppo.png"
-    out.parent.mkdir(exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, run / "plots" / "ppo.png")
 
 
 def ppo_markdown(run: Path, r: dict) -> list[str]:

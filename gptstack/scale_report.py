@@ -1,6 +1,8 @@
 """The scale stage's figure (plots/scaling.png) and its report.md section; the numbers come from ladder.analyze."""
 from __future__ import annotations
 
+from . import plots
+
 import math
 from pathlib import Path
 
@@ -10,10 +12,7 @@ from . import scaling
 
 
 def plot_scaling(run: Path, s: dict, recs: list[dict], f: dict, kind: str, used: set) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (ax, bx) = plots.subplots(1, 2, figsize=(12, 4.6))
     fit_recs = [r for r in recs if r["name"] in used]
     out_recs = [r for r in recs if r["role"] == "fit" and r["name"] not in used]
     ch = [r for r in recs if r["role"] == "chinchilla"]
@@ -66,12 +65,7 @@ def plot_scaling(run: Path, s: dict, recs: list[dict], f: dict, kind: str, used:
         bx.set_title(f"capability: {cap['task']}", fontsize=9)
         bx.grid(alpha=0.3, which="both")
         bx.legend(fontsize=7)
-    out = Path(run) / "plots" / "scaling.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return plots.save(fig, Path(run) / "plots" / "scaling.png")
 
 
 def markdown(run: Path, s: dict) -> list[str]:

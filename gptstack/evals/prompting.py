@@ -17,6 +17,8 @@ exact match; greedy (LAMBADA) by whether the answer is the model's greedy contin
 """
 from __future__ import annotations
 
+from .. import plots
+
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,11 +272,8 @@ def resolve_tasks(names: list[str], cache: Path, seed: int = 0) -> dict[str, Pat
 
 def plot_shots(results: dict[str, dict], path: Path, chance: dict[str, float] | None = None) -> Path:
     """Accuracy against K per task, one line per model (GPT-3's zero/one/few-shot figure)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     tasks = sorted({t for r in results.values() for t in r})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
+    fig, axes = plots.subplots(1, len(tasks), figsize=(3.2 * len(tasks), 3.2), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for model, r in results.items():
             if task not in r:
@@ -291,11 +290,7 @@ def plot_shots(results: dict[str, dict], path: Path, chance: dict[str, float] | 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plots.save(fig, path)
 
 
 CHANCE = {"continuation": 0.25, "docstring_name": 0.25}
