@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_instruct import add_instruction_verbs
+from .cli_instruct import add_instruction_verbs, add_settings_args
 from .errors import GptstackError
 
 EPILOG = """config: --preset NAME, then --config FILE.yaml (repeatable), then key=value overrides,
@@ -279,9 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
     p.add_argument("--scratch", action="store_true", help="same architecture, random weights (the baseline)")
     p.add_argument("--out", required=True, help="output folder for the fine-tuned model")
-    p.add_argument("--preset", default="tiny", help="preset whose finetune.* settings to use (default: tiny)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. finetune.lm_coef=0 finetune.train.lr=1e-4")
+    add_settings_args(p, "finetune", "finetune.lm_coef=0 finetune.train.lr=1e-4")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("predict", help="label new records with a fine-tuned model")

@@ -18,6 +18,13 @@ def _stage_folder(source: str, out: str | None, stage: str):
     return tok, folder
 
 
+def add_settings_args(p, section: str, example: str) -> None:
+    """--preset, --config and key=value overrides for a verb whose settings live in config `section`."""
+    p.add_argument("--preset", default="tiny", help=f"preset whose {section}.* settings to use (default: tiny)")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config merged over the preset")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
+
+
 def _readline() -> None:
     try:
         importlib.import_module("readline")  # line editing and history for input()
@@ -116,9 +123,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
     p.add_argument("--data", help="SFT records (JSONL) or 'world' (default: the preset's sft.data, world)")
     p.add_argument("--out", help="output folder (default: sft/ beside the --from folder)")
-    p.add_argument("--preset", default="tiny", help="preset whose sft.* settings to use (default: tiny)")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. sft.train.lr=1e-4 sft.val_data=val.jsonl")
+    add_settings_args(p, "sft", "sft.train.lr=1e-4 sft.val_data=val.jsonl")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("compare", help="sample K answers per prompt and have them ranked (gold, noisy or human labeler)",
@@ -134,9 +139,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--labeler", choices=["gold", "noisy", "human"], help="default: rm.labeler (noisy)")
     p.add_argument("--agreement", type=float, help="noisy: pairwise agreement with gold (default: rm.agreement, 0.73)")
     p.add_argument("--out", required=True, help="rankings JSONL to write")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_settings_args(p, "rm", "rm.agreement=0.8 rm.max_new_tokens=48")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("rm", help="train a reward model on rankings: all C(K,2) pairs of a prompt in one batch element",
@@ -147,9 +150,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--data", help="rankings JSONL (default: compare on the world's prompts)")
     p.add_argument("--val", help="held-out rankings JSONL (default: every 10th ranking of --data)")
     p.add_argument("--out", help="output folder (default: rm/ beside the --from folder)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_settings_args(p, "rm", "rm.train.lr=5e-5 rm.epochs=2")
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("ppo", help="RLHF: PPO-ptx against a reward model, per-token KL to SFT, rule-based rewards",
@@ -163,9 +164,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--rbrm", help="rule-based rewards: a rubric YAML, or 'world' for the built-in one")
     p.add_argument("--rounds", type=int, help="> 1: new rankings from the current policy and a retrained RM between rounds")
     p.add_argument("--out", help="output folder (default: ppo/ beside the --policy folder)")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--config", action="append", default=[], metavar="FILE")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_settings_args(p, "ppo", "ppo.rollouts=80 ppo.train.lr=1e-5")
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("label", help="rank K answers per prompt yourself (terminal UI; resumes where you stopped)",

@@ -83,3 +83,11 @@ class Terminal:
 
     def send(self, text):
         os.write(self.master, text.encode())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        os.close(self.master)

@@ -1,6 +1,5 @@
 """The labelling tool, driven through a real terminal: rank, quit, resume; nothing lost, nothing extra."""
 import json
-import os
 
 import pytest
 
@@ -25,8 +24,7 @@ def test_parse_ranking_forms():
 def test_rank_quit_resume_in_a_pty(tmp_path):
     todo, out = tmp_path / "todo.jsonl", tmp_path / "ranked.jsonl"
     todo.write_text("".join(json.dumps(r) + "\n" for r in TODO))
-    term = Terminal(["label", todo, "--out", out])
-    try:
+    with Terminal(["label", todo, "--out", out]) as term:
         screen = term.expect("ranking> ")
         assert "0 of 3 already ranked" in screen and "What is 2 plus 3?" in screen and "D) I can't help" in screen
         term.send("A > B > D > C\r")
@@ -39,24 +37,15 @@ def test_rank_quit_resume_in_a_pty(tmp_path):
         term.send("q\r")
         assert "2 rankings saved" in term.expect("run again to resume")
         assert term.proc.wait(timeout=30) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [(r["prompt"], r["ranks"]) for r in rows] == [("What is 2 plus 3?", [1, 2, 4, 3]), ("Reverse abc.", [1, 2, 2])]
 
-    term = Terminal(["label", todo, "--out", out])  # resume: only the third prompt is left
-    try:
+    with Terminal(["label", todo, "--out", out]) as term:  # resume: only the third prompt is left
         screen = term.expect("ranking> ")
         assert "2 of 3 already ranked" in screen and "Say hi." in screen and "What is 2 plus 3?" not in screen
         term.send("B>A\r")
         assert "all done: 3 rankings" in term.expect("all done: 3 rankings")
         assert term.proc.wait(timeout=30) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)
     rows = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["ranks"] for r in rows] == [[1, 2, 4, 3], [1, 2, 2], [2, 1]]
     assert rows[1]["system"] == "Be brief." and rows[2]["responses"] == ["hi", "Hello there!"]

@@ -1,6 +1,5 @@
 """Instruction tuning: the chat template, SFT records, the assistant-only loss, checkpoint selection, chat."""
 import json
-import os
 
 import pytest
 import torch
@@ -176,8 +175,7 @@ def test_select_by_an_unreported_metric_is_a_clear_error(tok, tmp_path):
 # ---------------------------------------------------------------- chat in a real terminal
 
 def test_chat_in_a_pty(random_model_dir):
-    term = Terminal(["chat", "--model", random_model_dir, "--system", "Be brief.", "--max-new-tokens", "6", "--seed", "0"])
-    try:
+    with Terminal(["chat", "--model", random_model_dir, "--system", "Be brief.", "--max-new-tokens", "6", "--seed", "0"]) as term:
         assert "system: Be brief." in term.expect("you> ")
         term.send("What is 1 plus 2?\r")
         first = term.expect("you> ")
@@ -188,7 +186,3 @@ def test_chat_in_a_pty(random_model_dir):
         assert "assistant> " in term.expect("you> ")
         term.send("\x04")  # Ctrl-D
         assert term.proc.wait(timeout=30) == 0
-    finally:
-        if term.proc.poll() is None:
-            term.proc.kill()
-        os.close(term.master)

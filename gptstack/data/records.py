@@ -62,6 +62,14 @@ def label_set(records: list[dict], path: Path) -> list:
     return sorted(labels)
 
 
+def read_records(path: Path, parse) -> list:
+    """Every record of a JSONL file through `parse(record, path, line)`, which validates it; an empty file is an error."""
+    out = [parse(rec, path, lineno) for lineno, rec in iter_jsonl(path)]
+    if not out:
+        raise GptstackError(f"{path}: no records")
+    return out
+
+
 # ---------------------------------------------------------------- SFT demonstrations
 
 SFT_FORMATS = "{messages: [{role, content}, ...]}, {prompt, response[, system]} or Alpaca {instruction, input, output}"
@@ -70,12 +78,7 @@ SFT_FORMATS = "{messages: [{role, content}, ...]}, {prompt, response[, system]} 
 def read_sft_records(path: Path) -> list[list[dict]]:
     """Conversations (lists of {role, content}) from any of the SFT formats; each must end with an
     assistant turn, which is what SFT learns."""
-    out = []
-    for lineno, rec in iter_jsonl(path):
-        out.append(sft_messages(rec, path, lineno))
-    if not out:
-        raise GptstackError(f"{path}: no records")
-    return out
+    return read_records(path, sft_messages)
 
 
 def sft_messages(rec: dict, path, lineno) -> list[dict]:
@@ -125,12 +128,7 @@ RANKING_FORMATS = "{prompt, responses: [...], ranks: [1, 2, 2, 3]} (1 = best, ti
 def read_rankings(path: Path) -> list[dict]:
     """Rankings as {prompt, system, responses, ranks, _line} (plus any other fields the file carries);
     a pair {prompt, chosen, rejected} is a ranking of K = 2."""
-    out = []
-    for lineno, rec in iter_jsonl(path):
-        out.append(ranking(rec, path, lineno))
-    if not out:
-        raise GptstackError(f"{path}: no records")
-    return out
+    return read_records(path, ranking)
 
 
 def ranking(rec: dict, path, lineno) -> dict:
