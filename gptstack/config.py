@@ -184,6 +184,7 @@ class PPOConfig:
     ptx_seq_len: int = 64  # tokens per pretraining row in the ptx term (one row per answer in the minibatch)
     rbrm: str = ""  # rule-based rewards: a rubric YAML, or "world" for the built-in one ("": none)
     rbrm_coef: float = 1.0
+    rbrm_judge: str = ""  # a model folder: the rubric's class is asked of this model (GPT-4's judge mode) instead of the patterns
     rounds: int = 1  # > 1: new rankings from the current policy, RM retrained on all, PPO continued
     select_by: str = "val_rm_score"  # the kept checkpoint (validation RM score; "" keeps the last)
     eval_every_rollouts: int = 10

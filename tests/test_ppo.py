@@ -199,3 +199,12 @@ def test_overoptimisation_is_called_out(tmp_path):
     honest = [{**r, "gold_score": 0.5 + 0.005 * r["step"]} for r in rows]  # gold keeps rising with the RM
     path.write_text("".join(json.dumps(r) + "\n" for r in honest))
     assert not overoptimisation(path)["detected"]
+
+
+def test_judge_mode_reads_the_letter_probabilities(setup):
+    from gptstack.rewards.rbrm import Judge
+    tok, prompts, policy = setup[0], setup[1], setup[2]
+    rules = RuleBasedRewards.load("world", judge=Judge(policy, tok))
+    probs = rules.judge.probabilities(rules, prompts[0].user, "I can't help with that.")
+    assert set(probs) == set("ABCD") and abs(sum(probs.values()) - 1) < 1e-5
+    assert rules.classify("I can't help with that.", prompts[0].user) == max(probs, key=probs.get)

@@ -45,8 +45,9 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
         ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed)
     rules = None
     if p.rbrm:
-        from ..rewards.rbrm import RuleBasedRewards
-        rules = RuleBasedRewards.load(p.rbrm)
+        from ..rewards.rbrm import Judge, RuleBasedRewards
+        judge = Judge(load_model(p.rbrm_judge), tok) if p.rbrm_judge else None
+        rules = RuleBasedRewards.load(p.rbrm, judge)
     updates = p.ppo_epochs * p.minibatches
     steps = p.rollouts * updates
     train_cfg = dataclasses.replace(p.train, steps=steps, batch_size=p.rollout_batch // p.minibatches,
