@@ -100,6 +100,8 @@ def cmd_ppo(args):
         if value is not None:
             overrides.append(f"ppo.{key}={value}")
     cfg = config.resolve(args.preset, args.config, overrides)
+    if args.versus:
+        cfg.ppo.versus = args.versus
     tok, out = _stage_folder(args.policy, args.out, "ppo")
     r = run_ppo(cfg, Path(args.policy), Path(args.rm), out, tok).get("ppo", {})
     print(f"policy: {out / 'model.safetensors'}")
@@ -163,6 +165,8 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--kl-target", type=float, help="adapt β toward this KL per answer, in nats")
     p.add_argument("--rbrm", help="rule-based rewards: a rubric YAML, or 'world' for the built-in one")
     p.add_argument("--rounds", type=int, help="> 1: new rankings from the current policy and a retrained RM between rounds")
+    p.add_argument("--versus", action="append", metavar="POLICY",
+                   help="also judge the PPO policy against this policy folder, e.g. a larger SFT model (repeatable)")
     p.add_argument("--out", help="output folder (default: ppo/ beside the --policy folder)")
     add_settings_args(p, "ppo", "ppo.rollouts=80 ppo.train.lr=1e-5")
     p.set_defaults(func=cmd_ppo)

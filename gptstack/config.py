@@ -187,6 +187,7 @@ class PPOConfig:
     rbrm_judge: str = ""  # a model folder: the rubric's class is asked of this model (GPT-4's judge mode) instead of the patterns
     rounds: int = 1  # > 1: new rankings from the current policy, RM retrained on all, PPO continued
     select_by: str = "val_rm_score"  # the kept checkpoint (validation RM score; "" keeps the last)
+    versus: list[str] = field(default_factory=list)  # other policies (e.g. a larger SFT model) the PPO policy is also judged against
     eval_every_rollouts: int = 10
     baselines: bool = True  # the stage also runs γ = 0 (the ptx comparison)
     seed: int = 0

@@ -183,6 +183,12 @@ def ppo_markdown(run: Path, r: dict) -> list[str]:
              f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
              f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+    for folder, v in (r.get("versus") or {}).items():
+        w = v["wins"]
+        lines += [f"Against `{folder}` ({v['params'] / 1e6:.1f}M parameters, {v['params'] / r['params']:.1f}x PPO's "
+                  f"{r['params'] / 1e6:.1f}M): PPO's win rate **{v['win_rate']:.3f}** (correctness pairs "
+                  f"{w['win_rate_correctness']:.3f} of {w['correctness_pairs']}, style pairs {w['win_rate_style']:.3f} of "
+                  f"{w['style_pairs']}); its accuracy {v['accuracy']:.3f}, gold score {v['gold_score']:.3f}.", ""]
     n = r.get("no_ptx")
     if n:
         lines += [f"The same run without the ptx term (γ = 0): win rate {n['win_rate_vs_sft']:.3f}, accuracy "

@@ -18,7 +18,7 @@ SMALL = [*TINY, "model.n_ctx=128", "pretrain.steps=30",
 def rlhf_run(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("rlhf") / "run"
     proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer,pretrain,sft,rm,ppo", *SMALL,
-                   timeout=600)
+                   f"ppo.versus=[{run / 'sft'}]", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
@@ -39,10 +39,15 @@ def test_instruction_stages_write_their_report_keys(rlhf_run):
                 "refusal_style_desired_rate"):
         assert key in r["ppo"], key
     assert 0.0 <= r["ppo"]["win_rate_vs_sft"] <= 1.0
+    # judged against the SFT folder as an "other" policy, the figures must equal the SFT comparison's
+    other = r["ppo"]["versus"][str(rlhf_run / "sft")]
+    assert other["win_rate"] == r["ppo"]["win_rate_vs_sft"] and other["accuracy"] == r["ppo"]["sft_accuracy"]
+    assert other["params"] == r["ppo"]["params"]
     for plot in ("sft.png", "rm_vs_gold.png", "ppo.png"):
         assert (rlhf_run / "plots" / plot).is_file(), plot
     md = (rlhf_run / "report.md").read_text()
     assert "## Reward model" in md and "## RLHF" in md and "Sample conversations" in md
+    assert f"Against `{rlhf_run / 'sft'}`" in md
 
 
 def test_rankings_hold_k_answers_and_both_rankings(rlhf_run):

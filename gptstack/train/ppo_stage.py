@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model, read_weights, save_state_dict
+from ..checkpoint import find_tokenizer, load_model, read_weights, save_state_dict
 from ..data.loader import build_sampler
 from ..evals.instruct import evaluate_instructions
 from ..evals.lm import windows_loss
@@ -147,6 +147,21 @@ def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
     return out
 
 
+def versus(policies: list[str], prompts: list, ours: list[str], max_new_tokens: int, log=print) -> dict:
+    """The PPO policy's greedy answers judged against other policies' (InstructGPT's headline: a small PPO
+    model against a much larger SFT one). Each brings its own tokenizer."""
+    out = {}
+    for folder in policies:
+        log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against {folder}")
+        model = load_model(folder, "auto")
+        figures, theirs = evaluate_instructions(model, Tokenizer.load(find_tokenizer(folder)), prompts, max_new_tokens)
+        wins = win_rate(prompts, ours, [s["answer"] for s in theirs])
+        out[str(folder)] = {"params": model.num_params(), "win_rate": wins["win_rate"], "wins": wins,
+                            "accuracy": figures["accuracy"], "gold_score": figures["gold_score"],
+                            "mean_length": figures["mean_length"]}
+    return out
+
+
 def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
     t0 = time.time()
@@ -182,6 +197,8 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
                "sft_refusal_style_desired_rate": base["refusal_style_desired_rate"], "sft_by_family": base["by_family"],
                "pretrain_val_loss_sft": loss_sft,
                "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
+    result["params"] = ppo.num_params()
+    result["versus"] = versus(p.versus, prompts, [s["answer"] for s in samples], p.max_new_tokens, log)
     if no_ptx is not None:
         result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(load_model(no_ptx, "auto"), sampler, tokens) - loss_sft
         nop, nop_samples = evaluate_policy(load_model(no_ptx, "auto"), sft, rm, tok, prompts, p)
