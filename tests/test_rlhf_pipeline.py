@@ -63,3 +63,32 @@ def test_the_ppo_policy_is_a_plain_model_that_chats(rlhf_run):
                    "--seed", "0")
     assert proc.returncode == 0, proc.stderr
     assert (rlhf_run / "ppo" / "value.safetensors").is_file()
+
+
+def test_rounds_rank_the_current_policy_and_retrain_the_rm_on_all_rankings(rlhf_run, tmp_path):
+    out = tmp_path / "rounds"
+    proc = run_cli("ppo", "--policy", rlhf_run / "sft", "--rm", rlhf_run / "rm", "--out", out, "--rounds", "2",
+                   *SMALL, "ppo.baselines=false", "ppo.rbrm=", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = (rlhf_run / "rm" / "rankings.jsonl").read_text().splitlines()
+    new = (out / "round_2" / "rankings.jsonl").read_text().splitlines()
+    assert len(new) == 24 // 2
+    assert (out / "round_2" / "rankings_all.jsonl").read_text().splitlines() == first + new
+    assert json.loads((out / "round_2" / "rm" / "summary.json").read_text())["rm"]["rankings"] == len(first + new)
+    # the published policy is the last round's; round 2 starts from round 1's policy, its KL still measured to SFT
+    assert (out / "model.safetensors").read_bytes() == (out / "round_2" / "model.safetensors").read_bytes()
+    def first_kl(folder):
+        return next(r["kl"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+                    if r.get("event") == "train")
+
+    assert abs(first_kl(out / "round_1")) < 1e-5 < abs(first_kl(out / "round_2"))
+    assert json.loads((out / "summary.json").read_text())["ppo"]["rounds"] == 2
+
+
+def test_rounds_without_world_rankings_is_a_clear_error(rlhf_run, tmp_path):
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    for name in ("model.safetensors", "summary.json"):
+        (rm / name).write_bytes((rlhf_run / "rm" / name).read_bytes())
+    proc = run_cli("ppo", "--policy", rlhf_run / "sft", "--rm", rm, "--out", tmp_path / "p", "--rounds", "2", *SMALL)
+    assert proc.returncode != 0 and "rankings.jsonl" in proc.stderr and "Traceback" not in proc.stderr

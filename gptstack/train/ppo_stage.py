@@ -16,6 +16,7 @@ import torch
 
 from ..checkpoint import find_tokenizer, load_model, read_weights, save_state_dict
 from ..data.loader import build_sampler
+from ..errors import GptstackError
 from ..evals.instruct import evaluate_instructions
 from ..evals.lm import windows_loss
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
@@ -99,6 +100,9 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, lo
     from ..comparisons import compare
     from .rm import run_rm
     p = cfg.ppo
+    if not (rm_dir / "rankings.jsonl").is_file() or not (rm_dir / "rankings_val.jsonl").is_file():
+        raise GptstackError(f"{rm_dir}: rounds need the reward model's world rankings (rankings.jsonl and rankings_val.jsonl, "
+                            "written by `gptstack rm` without --data): each round's new rankings come from the same labeler")
     per_round = dataclasses.replace(cfg, ppo=dataclasses.replace(p, rollouts=max(1, p.rollouts // p.rounds)))
     suite = InstructionSuite(seed=cfg.sft.seed)
     rankings = [rm_dir / "rankings.jsonl"]
