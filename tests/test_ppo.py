@@ -199,6 +199,9 @@ def test_overoptimisation_is_called_out(tmp_path):
     honest = [{**r, "gold_score": 0.5 + 0.005 * r["step"]} for r in rows]  # gold keeps rising with the RM
     path.write_text("".join(json.dumps(r) + "\n" for r in honest))
     assert not overoptimisation(path)["detected"]
+    both_fall = [{**r, "rm_score": r["gold_score"]} for r in rows]  # the RM falls with gold: a worse policy, not exploitation
+    path.write_text("".join(json.dumps(r) + "\n" for r in both_fall))
+    assert not overoptimisation(path)["detected"]
 
 
 def test_judge_mode_reads_the_letter_probabilities(setup):

@@ -147,7 +147,8 @@ def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
     out = {"gold_start": gold[window - 1], "gold_peak": gold[peak], "gold_peak_step": rows[peak]["step"],
            "gold_end": gold[-1], "rm_start": rm[window - 1], "rm_at_gold_peak": rm[peak], "rm_end": rm[-1],
            "kl_at_gold_peak": rows[peak].get("kl")}
-    out["detected"] = bool(gold[-1] < gold[peak] - 0.02 and rm[-1] > rm[peak] + 0.05)
+    # gold fell clearly below its peak while the RM score held or rose: the policy exploits the RM
+    out["detected"] = bool(gold[-1] < gold[peak] - 0.02 and rm[-1] >= rm[peak])
     return out
 
 
