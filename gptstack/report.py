@@ -168,21 +168,28 @@ def ppo_markdown(run: Path, r: dict) -> list[str]:
     sel = r.get("selected")
     kept = f"; kept update {sel['step']} (best validation {sel['metric']})" if sel else ""
     lines = ["## RLHF (PPO-ptx against the reward model, per-token KL to SFT)", "",
-             f"{r['rollouts']} rollouts, {r['steps']} updates{kept}. Held-out prompts, greedy answers; the gold labeler judges.", "",
-             f"Win rate against SFT: **{r['win_rate_vs_sft']:.3f}** (ties count half). Where correctness differs "
-             f"({w['correctness_pairs']} prompts) PPO wins {w['win_rate_correctness']:.3f}; where it is the same "
-             f"({w['style_pairs']}, style: length, refusal style, over-refusal) {w['win_rate_style']:.3f}.", "",
-             "| figure | SFT | PPO |", "|---|---|---|",
-             f"| accuracy | {r['sft_accuracy']:.3f} | {r['accuracy']:.3f} |",
-             f"| gold score | {r['sft_gold_score']:.3f} | {r['gold_score']:.3f} |",
-             f"| RM score | {r['sft_rm_score']:.3f} | {r['rm_score']:.3f} |",
-             f"| mean answer length (chars) | {r['sft_mean_length']:.1f} | {r['mean_length']:.1f} |",
-             f"| refusal rate, disallowed | {r['sft_refusal_rate_disallowed']:.3f} | {r['refusal_rate_disallowed']:.3f} |",
-             f"| refusal rate, allowed | {r['sft_refusal_rate_allowed']:.3f} | {r['refusal_rate_allowed']:.3f} |",
-             f"| desired refusal style | {r['sft_refusal_style_desired_rate']:.3f} | {r['refusal_style_desired_rate']:.3f} |",
-             f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
-             f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
-             f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+             f"{r['rollouts']} rollouts, {r['steps']} updates{kept}. Held-out prompts, greedy answers; the gold labeler judges.", ""]
+    if r.get("by_round"):
+        lines += [f"{r['rounds']} rounds: before each round after the first, the current policy's answers were ranked "
+                  "and the RM retrained on all rankings so far.", "", "| round | rankings | RM gold agreement | updates |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b['round']} | {b['rankings']} | {b['rm_gold_agreement'] or float('nan'):.3f} | {b['steps']} |"
+                  for b in r["by_round"]]
+        lines.append("")
+    lines += [f"Win rate against SFT: **{r['win_rate_vs_sft']:.3f}** (ties count half). Where correctness differs "
+              f"({w['correctness_pairs']} prompts) PPO wins {w['win_rate_correctness']:.3f}; where it is the same "
+              f"({w['style_pairs']}, style: length, refusal style, over-refusal) {w['win_rate_style']:.3f}.", "",
+              "| figure | SFT | PPO |", "|---|---|---|",
+              f"| accuracy | {r['sft_accuracy']:.3f} | {r['accuracy']:.3f} |",
+              f"| gold score | {r['sft_gold_score']:.3f} | {r['gold_score']:.3f} |",
+              f"| RM score | {r['sft_rm_score']:.3f} | {r['rm_score']:.3f} |",
+              f"| mean answer length (chars) | {r['sft_mean_length']:.1f} | {r['mean_length']:.1f} |",
+              f"| refusal rate, disallowed | {r['sft_refusal_rate_disallowed']:.3f} | {r['refusal_rate_disallowed']:.3f} |",
+              f"| refusal rate, allowed | {r['sft_refusal_rate_allowed']:.3f} | {r['refusal_rate_allowed']:.3f} |",
+              f"| desired refusal style | {r['sft_refusal_style_desired_rate']:.3f} | {r['refusal_style_desired_rate']:.3f} |",
+              f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
+              f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
+              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
     for folder, v in (r.get("versus") or {}).items():
         w = v["wins"]
         lines += [f"Against `{folder}` ({v['params'] / 1e6:.1f}M parameters, {v['params'] / r['params']:.1f}x PPO's "

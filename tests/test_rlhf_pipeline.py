@@ -82,7 +82,10 @@ def test_rounds_rank_the_current_policy_and_retrain_the_rm_on_all_rankings(rlhf_
                     if r.get("event") == "train")
 
     assert abs(first_kl(out / "round_1")) < 1e-5 < abs(first_kl(out / "round_2"))
-    assert json.loads((out / "summary.json").read_text())["ppo"]["rounds"] == 2
+    r = json.loads((out / "summary.json").read_text())["ppo"]
+    assert r["rounds"] == 2 and [b["rankings"] for b in r["by_round"]] == [24, 36]
+    assert all(0 <= b["rm_gold_agreement"] <= 1 for b in r["by_round"])  # the retrained RM is judged against gold too
+    assert r["steps"] == sum(b["steps"] for b in r["by_round"])
 
 
 def test_rounds_without_world_rankings_is_a_clear_error(rlhf_run, tmp_path):

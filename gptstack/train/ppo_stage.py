@@ -106,7 +106,7 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, lo
     per_round = dataclasses.replace(cfg, ppo=dataclasses.replace(p, rollouts=max(1, p.rollouts // p.rounds)))
     suite = InstructionSuite(seed=cfg.sft.seed)
     rankings = [rm_dir / "rankings.jsonl"]
-    policy, rm, result = sft_dir, rm_dir, {}
+    policy, rm, result, rounds = sft_dir, rm_dir, {}, []
     for k in range(1, p.rounds + 1):
         folder = out / f"round_{k}"
         if k > 1:
@@ -125,10 +125,14 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, lo
                 run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", log)
         log(f"[ppo] round {k} of {p.rounds}")
         result = train_ppo(per_round, policy, rm, folder, tok, p.ptx_coef, log, reference_dir=sft_dir)
+        rm_summary = json.loads((rm / "summary.json").read_text())["rm"]
+        rounds.append({"round": k, "rankings": rm_summary["rankings"], "rm_gold_agreement": rm_summary.get("gold_agreement"),
+                       "steps": result["steps"], "selected": result["selected"]})
         policy = folder
     for name in ("model.safetensors", "value.safetensors"):
         atomic_write_bytes(out / name, (policy / name).read_bytes())
-    return {**result, "rounds": p.rounds, "rollouts": p.rollouts}
+    return {**result, "rounds": p.rounds, "by_round": rounds, "rollouts": per_round.ppo.rollouts * p.rounds,
+            "steps": sum(r["steps"] for r in rounds)}
 
 
 def overoptimisation(metrics_path: Path, window: int = 5) -> dict:

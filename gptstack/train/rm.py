@@ -255,6 +255,7 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
         c = made["rankings"]
         result |= {"labeler": c["labeler"], "labeler_agreement": c["labeler_agreement"], "tie_fraction": c["tie_fraction"],
                    "k": c["k"], "samplers": c["samplers"]}
+    if val_records and all("gold_ranks" in x and "family" in x for x in val_records):  # the world's rankings
         result |= gold_report(model, policy, tok, val, cfg, out, log)
     result["seconds"] = time.time() - t0
     summary = {"rm": result}
