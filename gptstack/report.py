@@ -1,11 +1,10 @@
 """report.json (the stable figures) and report.md (the same, for people, with plots)."""
 from __future__ import annotations
 
-from . import plots
-
 import json
 from pathlib import Path
 
+from . import plots
 from .config import deep_merge
 from .io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 

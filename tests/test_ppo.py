@@ -211,3 +211,16 @@ def test_judge_mode_reads_the_letter_probabilities(setup):
     probs = rules.judge.probabilities(rules, prompts[0].user, "I can't help with that.")
     assert set(probs) == set("ABCD") and abs(sum(probs.values()) - 1) < 1e-5
     assert rules.classify("I can't help with that.", prompts[0].user) == max(probs, key=probs.get)
+
+
+def test_win_rate_counts_ties_half_and_splits_correctness_from_style():
+    from gptstack.train.ppo_stage import win_rate
+    ours = [{"gold_score": 1.0, "correct": True}, {"gold_score": 0.6, "correct": False},
+            {"gold_score": 0.8, "correct": True}, {"gold_score": 0.5, "correct": True}]
+    theirs = [{"gold_score": 0.4, "correct": False}, {"gold_score": 0.6, "correct": False},
+              {"gold_score": 0.9, "correct": True}, {"gold_score": 0.7, "correct": False}]
+    w = win_rate(ours, theirs)
+    assert w["win_rate"] == (1 + 0.5 + 0 + 0) / 4
+    assert (w["correctness_pairs"], w["win_rate_correctness"]) == (2, 0.5)  # pairs 1 and 4
+    assert (w["style_pairs"], w["win_rate_style"]) == (2, 0.25)  # a tie and a loss
+    assert w["excess_from_correctness"] + w["excess_from_style"] == w["win_rate"] - 0.5

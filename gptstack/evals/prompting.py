@@ -17,8 +17,6 @@ exact match; greedy (LAMBADA) by whether the answer is the model's greedy contin
 """
 from __future__ import annotations
 
-from .. import plots
-
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .. import plots
 from ..config import from_dict
 from ..errors import GptstackError, where
 from ..generate import generate

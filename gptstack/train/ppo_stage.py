@@ -21,7 +21,7 @@ from ..evals.instruct import evaluate_instructions
 from ..evals.lm import windows_loss
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
-from ..world.instructions import InstructionSuite, gold_score
+from ..world.instructions import InstructionSuite
 from .ppo import ActorCritic, PPOObjective, evaluate_policy, rm_scores
 from .rm import load_reward_model, scalar_flops_per_token
 from .trainer import Trainer
@@ -75,13 +75,14 @@ def pretrain_val_loss(model, sampler, tokens: int) -> float:
     return windows_loss(model, sampler.val_windows(0, tokens))[0]
 
 
-def win_rate(prompts: list, ours: list[str], theirs: list[str]) -> dict:
-    """The gold labeler's preference of `ours` over `theirs` (ties half), split by where wins come from:
-    pairs whose correctness differs, and pairs equally correct (style: length, refusal style, over-refusal)."""
+def win_rate(ours: list[dict], theirs: list[dict]) -> dict:
+    """The gold labeler's preference of `ours` over `theirs`, two policies' scored answers to the same prompts
+    (evaluate_instructions' samples), ties half; split by where wins come from: pairs whose correctness
+    differs, and pairs equally correct (style: length, refusal style, over-refusal)."""
     rows = []
-    for p, a, b in zip(prompts, ours, theirs):
-        sa, sb = gold_score(p, a), gold_score(p, b)
-        rows.append((1.0 if sa.total > sb.total else 0.5 if sa.total == sb.total else 0.0, sa.correct != sb.correct))
+    for a, b in zip(ours, theirs):
+        sa, sb = a["gold_score"], b["gold_score"]
+        rows.append((1.0 if sa > sb else 0.5 if sa == sb else 0.0, a["correct"] != b["correct"]))
     n = len(rows)
     by_correct = [w for w, differs in rows if differs]
     by_style = [w for w, differs in rows if not differs]
@@ -156,7 +157,7 @@ def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
     return out
 
 
-def versus(policies: list[str], prompts: list, ours: list[str], max_new_tokens: int, log=print) -> dict:
+def versus(policies: list[str], prompts: list, ours: list[dict], max_new_tokens: int, log=print) -> dict:
     """The PPO policy's greedy answers judged against other policies' (InstructGPT's headline: a small PPO
     model against a much larger SFT one). Each brings its own tokenizer."""
     out = {}
@@ -164,7 +165,7 @@ def versus(policies: list[str], prompts: list, ours: list[str], max_new_tokens: 
         log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against {folder}")
         model = load_model(folder, "auto")
         figures, theirs = evaluate_instructions(model, Tokenizer.load(find_tokenizer(folder)), prompts, max_new_tokens)
-        wins = win_rate(prompts, ours, [s["answer"] for s in theirs])
+        wins = win_rate(ours, theirs)
         out[str(folder)] = {"params": model.num_params(), "win_rate": wins["win_rate"], "wins": wins,
                             "accuracy": figures["accuracy"], "gold_score": figures["gold_score"],
                             "mean_length": figures["mean_length"]}
@@ -194,7 +195,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
     log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against SFT")
     ours, samples = evaluate_policy(ppo, sft, rm, tok, prompts, p)
     base, base_samples = evaluate_instructions(sft, tok, prompts, p.max_new_tokens)
-    wins = win_rate(prompts, [s["answer"] for s in samples], [s["answer"] for s in base_samples])
+    wins = win_rate(samples, base_samples)
     base_rm = sum(rm_scores(rm, tok, prompts, [s["answer"] for s in base_samples])) / len(prompts)
     sampler = build_sampler(cfg.data, tok, cfg.model.n_ctx, cfg.pretrain.seed)
     tokens = cfg.pretrain.eval_tokens
@@ -207,11 +208,12 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
                "pretrain_val_loss_sft": loss_sft,
                "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
     result["params"] = ppo.num_params()
-    result["versus"] = versus(p.versus, prompts, [s["answer"] for s in samples], p.max_new_tokens, log)
+    result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log)
     if no_ptx is not None:
-        result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(load_model(no_ptx, "auto"), sampler, tokens) - loss_sft
-        nop, nop_samples = evaluate_policy(load_model(no_ptx, "auto"), sft, rm, tok, prompts, p)
-        nop_wins = win_rate(prompts, [s["answer"] for s in nop_samples], [s["answer"] for s in base_samples])
+        no_ptx_model = load_model(no_ptx, "auto")
+        result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(no_ptx_model, sampler, tokens) - loss_sft
+        nop, nop_samples = evaluate_policy(no_ptx_model, sft, rm, tok, prompts, p)
+        nop_wins = win_rate(nop_samples, base_samples)
         result["no_ptx"] = {**{k: v for k, v in nop.items() if not isinstance(v, dict)},
                             "win_rate_vs_sft": nop_wins["win_rate"], "wins": nop_wins}
     atomic_write_text(out / "samples.jsonl", "".join(
