@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_instruct import add_instruction_verbs, add_settings_args
+from .cli_instruct import add_flags, add_instruction_verbs, add_settings_args, settings
 from .errors import GptstackError
 
 EPILOG = """config: --preset NAME, then --config FILE.yaml (repeatable), then key=value overrides,
@@ -19,26 +19,22 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", default=[], metavar="SPEC",
                    help="a data source, PATH[@WEIGHT]: stdlib, a file, folder, glob, .jsonl, .parquet, hf:NAME[:split] "
                         "or a saved dataset folder; repeat for a weighted mixture (replaces the preset's sources)")
-    p.add_argument("--strategy", choices=["ddp", "fsdp"],
-                   help="under torchrun: ddp (default) or fsdp, FSDP2 sharding for models too big for one device "
-                        "(sets pretrain.strategy)")
+    add_flags(p, {"--strategy": "pretrain.strategy"})
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
 def _resolve(args):
     from . import config
-    overrides = list(args.overrides)
-    if args.strategy:
-        overrides.append(f"pretrain.strategy={args.strategy}")
-    cfg = config.resolve(args.preset, args.config, overrides)
+    cfg = settings(args)
     if args.data:
         cfg.data.sources = [_parse_source(s) for s in args.data]
-        config.validate(cfg)
+        for i, s in enumerate(cfg.data.sources):
+            config.check(s, f"data.sources[{i}]")
     return cfg
 
 
 def _parse_source(spec: str):
-    from .config import SourceConfig
+    from .data.sources import SourceConfig
     path, weight = spec, 1.0
     if "@" in spec:
         path, _, w = spec.rpartition("@")
@@ -52,9 +48,9 @@ def _parse_source(spec: str):
 # ---------------------------------------------------------------- verbs
 
 def cmd_pipeline(args):
-    from .pipeline import DEFAULT_STAGES, NAMED_ONLY, STAGES, run_pipeline
+    from .pipeline import all_stages, default_stages, run_pipeline
     cfg = _resolve(args)
-    stages = [s for s in STAGES if s not in NAMED_ONLY] if args.stages == "all" else args.stages.split(",") if args.stages else DEFAULT_STAGES
+    stages = all_stages() if args.stages == "all" else args.stages.split(",") if args.stages else default_stages()
     report = run_pipeline(cfg, Path(args.out), stages)
     if report:
         print(f"report: {Path(args.out) / 'report.md'}")
@@ -78,12 +74,11 @@ def cmd_pretrain(args):
 
 def cmd_finetune(args):
     import json
-    from . import config
     from .checkpoint import find_tokenizer, load_model
     from .data.records import read_task_records
     from .tokenizer import Tokenizer
     from .train.finetune import finetune
-    cfg = config.resolve(args.preset, args.config, args.overrides)
+    cfg = settings(args)
     tok = Tokenizer.load(find_tokenizer(args.init))
     out = Path(args.out)
     val = args.val
@@ -139,14 +134,14 @@ def cmd_sample(args):
 
 
 def cmd_eval(args):
-    from . import config
     from .checkpoint import find_tokenizer, load_model
     from .data.loader import build_sampler
     from .evals.lm import lm_metrics
+    from .stages import RunConfig
     from .tokenizer import Tokenizer
     model_dir = Path(args.model)
     run_cfg = model_dir.parent / "config.yaml"
-    cfg = config.load(run_cfg) if run_cfg.is_file() and not args.data else config.resolve("tiny")
+    cfg = RunConfig.load(run_cfg) if run_cfg.is_file() and not args.data else RunConfig.resolve("tiny")
     if args.data:
         cfg.data.sources = [_parse_source(s) for s in args.data]
     model = load_model(model_dir, "auto")
@@ -179,8 +174,10 @@ def cmd_eval_prompting(args):
 def cmd_tokenizer(args):
     from .tokenizer import Tokenizer
     if args.action == "train":
-        from .config import DataConfig, TokenizerConfig, RunConfig
-        from .pipeline import train_tokenizer
+        from .data.sources import DataConfig
+        from .stages import RunConfig
+        from .stages.tokenizer import train_tokenizer
+        from .tokenizer import TokenizerConfig
         out = Path(args.out)
         cfg = RunConfig(tokenizer=TokenizerConfig(vocab_size=args.vocab_size, train_bytes=args.train_bytes),
                         data=DataConfig(sources=[_parse_source(s) for s in (args.data or ["stdlib"])]))
@@ -202,12 +199,13 @@ def cmd_tokenizer(args):
 
 
 def cmd_presets(args):
-    from .config import list_presets, resolve
-    from .model import GPT
     import torch
+    from .config import list_presets
+    from .model import GPT
+    from .stages import RunConfig
     print(f"{'preset':<14}{'layers':>7}{'d_model':>8}{'heads':>6}{'ctx':>6}{'vocab':>7}{'norm':>6}{'params':>10}")
     for name in list_presets():
-        cfg = resolve(name)
+        cfg = RunConfig.resolve(name)
         m = cfg.model
         with torch.device("meta"):
             n = GPT(m).num_params()
@@ -222,7 +220,7 @@ def _human(n: int) -> str:
 
 
 def cmd_scale(args):
-    from . import ladder
+    from .stages import scale as ladder
     cfg = _resolve(args)
     run = Path(args.out)
     if args.action == "plan":
@@ -256,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pipeline", help="run all stages into one run folder, then write report.md / report.json",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="the run folder, e.g. runs/demo")
-    p.add_argument("--stages", help="comma-separated subset of: tokenizer,pretrain,eval,prompting,finetune,sft,rm,ppo,scale, or 'all' "
-                   "(default: tokenizer,pretrain,eval,prompting,sft; 'all' leaves out scale; finished stages are skipped)")
+    from .pipeline import all_stages, default_stages
+    from .stages import STAGES
+    p.add_argument("--stages", help="comma-separated stages, in any order (they run in recipe order), or 'all': "
+                   + "; ".join(f"{s.name}: {s.help}" for s in STAGES)
+                   + f". Default: {','.join(default_stages())}; 'all' leaves out "
+                   + f"{','.join(s.name for s in STAGES if s.name not in all_stages()) or 'nothing'}. Finished stages are skipped.")
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("run", "train every rung into OUT/scale (finished ones skipped), predict, train the target"),
                              ("fit", "fit L(C), L(N, D) and the capability law on the finished rungs; plots/scaling.png"),
                              ("predict", "the predicted loss at --compute FLOPs, with its bootstrap interval")):
-        s = ssub.add_parser(action, help=helptext, epilog="ladder settings: scale.* (ScaleConfig in gptstack/config.py)")
+        s = ssub.add_parser(action, help=helptext, epilog="ladder settings: scale.* (ScaleConfig in gptstack/stages/scale.py)")
         s.add_argument("--out", default="runs/scale", help="the run folder; the ladder lives in OUT/scale (default: runs/scale)")
         if action == "predict":
             s.add_argument("--compute", type=float, required=True, help="training FLOPs, counted as the fit counts them")

@@ -18,11 +18,65 @@ def _stage_folder(source: str, out: str | None, stage: str):
     return tok, folder
 
 
-def add_settings_args(p, section: str, example: str) -> None:
-    """--preset, --config and key=value overrides for a verb whose settings live in config `section`."""
+def add_settings_args(p, section: str, example: str, flags: dict[str, str] | None = None) -> None:
+    """--preset, --config and key=value overrides for a verb whose settings live in config `section`, and
+    `flags` ({--flag: config key}) that set single keys."""
     p.add_argument("--preset", default="tiny", help=f"preset whose {section}.* settings to use (default: tiny)")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config merged over the preset")
+    add_flags(p, flags or {})
     p.add_argument("overrides", nargs="*", metavar="key=value", help=f"e.g. {example}")
+
+
+# What each flag that sets a config key means; the flag's type and choices come from the key's dataclass
+# field, and its value becomes the override key=value, so a flag cannot drift from its setting.
+FLAG_HELP = {
+    "pretrain.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
+    "sft.data": "SFT records (JSONL: messages / prompt+response / Alpaca) or 'world'",
+    "rm.prompts": "world: how many prompts",
+    "rm.k": "answers per prompt",
+    "rm.temperatures": "a sampling temperature, cycled over the K answers (repeatable)",
+    "rm.labeler": "who ranks the answers: the world's gold or noisy labeler, or a human (`gptstack label`)",
+    "rm.agreement": "noisy labeler: pairwise agreement with gold",
+    "ppo.prompts": "prompts JSONL ({prompt, [system]} or {messages}) or 'world'",
+    "ppo.val_prompts": "held-out prompts JSONL (default: every 10th prompt)",
+    "ppo.ptx_coef": "γ of PPO-ptx (0: plain PPO)",
+    "ppo.kl_coef": "β of the per-token KL penalty",
+    "ppo.kl_target": "adapt β toward this KL per answer, in nats",
+    "ppo.rbrm": "rule-based rewards: a rubric YAML, or 'world' for the built-in one",
+    "ppo.rounds": "world: > 1 ranks the current policy's answers and retrains the RM between rounds",
+    "ppo.versus": "world: also judge the PPO policy against this policy folder, e.g. a larger SFT model (repeatable)",
+}
+
+
+def _field(key: str):
+    """The type hint of config key 'section.field[.field]'."""
+    import typing
+    from .stages.base import sections
+    section, *path = key.split(".")
+    hint = sections()[section]
+    for name in path:
+        hint = typing.get_type_hints(hint)[name]
+    return hint
+
+
+def add_flags(p, flags: dict[str, str]) -> None:
+    import typing
+    from .config import choices
+    for flag, key in flags.items():
+        hint = _field(key)
+        kw = {"choices": list(choices(hint))} if choices(hint) else {"type": hint if hint in (int, float) else str}
+        if typing.get_origin(hint) is list:
+            kw = {"action": "append", "type": typing.get_args(hint)[0]}
+        p.add_argument(flag, dest=f"flag:{key}", metavar=None if "choices" in kw else key.split(".")[-1].upper(),
+                       help=f"{FLAG_HELP[key]} (sets {key})", **kw)
+
+
+def settings(args):
+    """The resolved RunConfig of a verb: preset, YAML files, flags, then key=value overrides."""
+    import json
+    from .stages import RunConfig
+    flags = [f"{dest[5:]}={json.dumps(v)}" for dest, v in vars(args).items() if dest.startswith("flag:") and v is not None]
+    return RunConfig.resolve(args.preset, args.config, flags + list(args.overrides))
 
 
 def _readline() -> None:
@@ -33,10 +87,8 @@ def _readline() -> None:
 
 
 def cmd_sft(args):
-    from . import config
-    from .train.sft import run_sft
-    overrides = list(args.overrides) + ([f"sft.data={args.data}"] if args.data else [])
-    cfg = config.resolve(args.preset, args.config, overrides)
+    from .stages.sft import run_sft
+    cfg = settings(args)
     tok, out = _stage_folder(args.init, args.out, "sft")
     r = run_sft(cfg, Path(args.init), out, tok).get("sft", {})
     print(f"model: {out / 'model.safetensors'}")
@@ -58,32 +110,29 @@ def cmd_chat(args):
 
 
 def cmd_compare(args):
-    from . import config
     from .checkpoint import find_tokenizer
     from .comparisons import compare, read_prompts
     from .tokenizer import Tokenizer
     from .world.instructions import InstructionSuite
-    cfg = config.resolve(args.preset, args.config, args.overrides)
+    cfg = settings(args)
     r = cfg.rm
     tok = Tokenizer.load(find_tokenizer(args.policy[0]))
     suite = InstructionSuite(seed=cfg.sft.seed)
     if args.prompts == "world":
-        prompts = suite.prompts(args.split, args.n or r.prompts, seed=r.seed + 100)
+        prompts = suite.prompts(args.split, r.prompts, seed=r.seed + 100)
     else:
         prompts = read_prompts(Path(args.prompts), suite)
-    temps = [float(t) for t in args.temperatures.split(",")] if args.temperatures else r.temperatures
     out = Path(args.out)
-    summary = compare(args.policy, tok, prompts, args.k or r.k, args.labeler or r.labeler, out, temps,
-                      r.agreement if args.agreement is None else args.agreement, r.tie_threshold, r.max_new_tokens, r.seed)
+    summary = compare(args.policy, tok, prompts, r.k, r.labeler, out, r.temperatures, r.agreement, r.tie_threshold,
+                      r.max_new_tokens, r.seed)
     print(json.dumps(summary))
     if summary["labeler"] == "human":
         print(f"now rank them: gptstack label {out}")
 
 
 def cmd_rm(args):
-    from . import config
-    from .train.rm import run_rm
-    cfg = config.resolve(args.preset, args.config, args.overrides)
+    from .stages.rm import run_rm
+    cfg = settings(args)
     tok, out = _stage_folder(args.init, args.out, "rm")
     r = run_rm(cfg, Path(args.init), out, tok, Path(args.data) if args.data else None,
                Path(args.val) if args.val else None).get("rm", {})
@@ -92,16 +141,8 @@ def cmd_rm(args):
 
 
 def cmd_ppo(args):
-    from . import config
-    from .train.ppo_stage import run_ppo
-    overrides = list(args.overrides)
-    for key, value in (("ptx_coef", args.ptx_coef), ("kl_coef", args.kl_coef), ("kl_target", args.kl_target),
-                       ("rbrm", args.rbrm), ("rounds", args.rounds)):
-        if value is not None:
-            overrides.append(f"ppo.{key}={value}")
-    cfg = config.resolve(args.preset, args.config, overrides)
-    if args.versus:
-        cfg.ppo.versus = args.versus
+    from .stages.ppo import run_ppo
+    cfg = settings(args)
     tok, out = _stage_folder(args.policy, args.out, "ppo")
     r = run_ppo(cfg, Path(args.policy), Path(args.rm), out, tok).get("ppo", {})
     print(f"policy: {out / 'model.safetensors'}")
@@ -123,9 +164,8 @@ def add_instruction_verbs(sub) -> None:
                               "(its held-out gold-labeler eval then picks the best checkpoint). "
                               "Settings: sft.epochs, sft.train.lr, sft.train.batch_size, sft.demonstrations, ...")
     p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
-    p.add_argument("--data", help="SFT records (JSONL) or 'world' (default: the preset's sft.data, world)")
     p.add_argument("--out", help="output folder (default: sft/ beside the --from folder)")
-    add_settings_args(p, "sft", "sft.train.lr=1e-4 sft.val_data=val.jsonl")
+    add_settings_args(p, "sft", "sft.train.lr=1e-4 sft.val_data=val.jsonl", {"--data": "sft.data"})
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("compare", help="sample K answers per prompt and have them ranked (gold, noisy or human labeler)",
@@ -135,13 +175,10 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--policy", action="append", required=True, help="policy folder (e.g. runs/demo/sft); repeat to sample from several")
     p.add_argument("--prompts", default="world", help="'world' (the instruction suite) or JSONL of {prompt, [system]}")
     p.add_argument("--split", default="train", choices=["train", "heldout"], help="world: which templates")
-    p.add_argument("--n", type=int, default=0, help="world: how many prompts (default: rm.prompts)")
-    p.add_argument("--k", type=int, default=0, help="answers per prompt (default: rm.k, 4)")
-    p.add_argument("--temperatures", help="comma-separated sampling temperatures, cycled over the K answers (default: rm.temperatures)")
-    p.add_argument("--labeler", choices=["gold", "noisy", "human"], help="default: rm.labeler (noisy)")
-    p.add_argument("--agreement", type=float, help="noisy: pairwise agreement with gold (default: rm.agreement, 0.73)")
     p.add_argument("--out", required=True, help="rankings JSONL to write")
-    add_settings_args(p, "rm", "rm.agreement=0.8 rm.max_new_tokens=48")
+    add_settings_args(p, "rm", "rm.tie_threshold=0.05 rm.max_new_tokens=48",
+                      {"--n": "rm.prompts", "--k": "rm.k", "--temperature": "rm.temperatures", "--labeler": "rm.labeler",
+                       "--agreement": "rm.agreement"})
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("rm", help="train a reward model on rankings: all C(K,2) pairs of a prompt in one batch element",
@@ -160,15 +197,11 @@ def add_instruction_verbs(sub) -> None:
                               "ppo.clip, ppo.vf_coef, ppo.no_end_penalty, ppo.max_new_tokens, ppo.baselines, ...")
     p.add_argument("--policy", required=True, help="the SFT stage folder (the policy starts there and the KL is to it)")
     p.add_argument("--rm", required=True, help="the reward-model folder, e.g. runs/demo/rm")
-    p.add_argument("--ptx-coef", type=float, help="γ of PPO-ptx (default: ppo.ptx_coef; 0: plain PPO)")
-    p.add_argument("--kl-coef", type=float, help="β of the per-token KL penalty (default: ppo.kl_coef)")
-    p.add_argument("--kl-target", type=float, help="adapt β toward this KL per answer, in nats")
-    p.add_argument("--rbrm", help="rule-based rewards: a rubric YAML, or 'world' for the built-in one")
-    p.add_argument("--rounds", type=int, help="> 1: new rankings from the current policy and a retrained RM between rounds")
-    p.add_argument("--versus", action="append", metavar="POLICY",
-                   help="also judge the PPO policy against this policy folder, e.g. a larger SFT model (repeatable)")
     p.add_argument("--out", help="output folder (default: ppo/ beside the --policy folder)")
-    add_settings_args(p, "ppo", "ppo.rollouts=80 ppo.train.lr=1e-5")
+    add_settings_args(p, "ppo", "ppo.rollouts=80 ppo.train.lr=1e-5",
+                      {"--prompts": "ppo.prompts", "--val-prompts": "ppo.val_prompts", "--ptx-coef": "ppo.ptx_coef",
+                       "--kl-coef": "ppo.kl_coef", "--kl-target": "ppo.kl_target", "--rbrm": "ppo.rbrm",
+                       "--rounds": "ppo.rounds", "--versus": "ppo.versus"})
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("label", help="rank K answers per prompt yourself (terminal UI; resumes where you stopped)",

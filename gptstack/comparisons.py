@@ -13,9 +13,9 @@ from pathlib import Path
 
 from .checkpoint import load_model
 from .errors import GptstackError, where
-from .evals.instruct import conversation, respond
+from .generate import respond
 from .io import atomic_write_text, iter_jsonl
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, chat_messages
 from .world.instructions import InstructionSuite, NoisyLabeler, Prompt, pairwise_agreement, rank
 
 LABELERS = ("gold", "noisy", "human")
@@ -49,8 +49,7 @@ def read_prompts(path: Path, suite: InstructionSuite | None) -> list[Prompt | di
 def sample_answers(samplers: list[Sampler], tok: Tokenizer, prompts: list, k: int, max_new_tokens: int,
                    seed: int = 0) -> list[tuple[list[str], list[str]]]:
     """K answers per prompt, cycling through the samplers; returns (answers, sources) per prompt."""
-    convs = [conversation(p) if isinstance(p, Prompt) else
-             ([{"role": "system", "content": p["system"]}] if p["system"] else []) + [{"role": "user", "content": p["prompt"]}]
+    convs = [chat_messages(p.user, p.system) if isinstance(p, Prompt) else chat_messages(p["prompt"], p["system"])
              for p in prompts]
     answers = [[None] * k for _ in prompts]
     sources = [[None] * k for _ in prompts]

@@ -110,3 +110,19 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
         g.finished = g.finished or (bool(g.tokens) and g.tokens[-1] in stop_ids)
     model.train(was_training)
     return out
+
+
+def respond(model: GPT, tok, conversations: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
+            top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[tuple[str, Generation]]:
+    """The assistant's next turn for each conversation (chat messages): (text, Generation) pairs. A turn cut off
+    by the length limit keeps its text; `Generation.finished` says whether it closed with <|end|>."""
+    end = tok.special["<|end|>"]
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        ids = tok.render_prompts(conversations[start:start + batch_size], model.cfg.n_ctx, max_new_tokens)
+        gens = generate(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=(end,),
+                        pad_id=tok.pad, seed=seed + start)
+        for g in gens:
+            body = g.tokens[:-1] if g.finished else g.tokens
+            out.append((tok.decode(body, skip_special=True).strip(), g))
+    return out

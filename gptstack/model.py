@@ -13,13 +13,31 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig, from_dict
+from .config import from_dict
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    n_ctx: int = 256
+    vocab_size: int = 4096
+    norm_position: Literal["pre", "post"] = "pre"  # "post": GPT-1 (LayerNorm after each residual add); "pre": GPT-2/3
+    dropout: float = 0.0  # residual, embedding and attention dropout (GPT-1 used 0.1)
+    bias: bool = True
+    init_std: float = 0.02
+
+    def problems(self):
+        if self.n_embd % self.n_head:
+            yield "n_embd", f"({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
 
 
 class KVCache:
@@ -164,6 +182,13 @@ class GPT(nn.Module):
     @staticmethod
     def config_from_metadata(meta: dict[str, str]) -> ModelConfig:
         return from_dict(ModelConfig, json.loads(meta["gptstack.model_config"]))
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log P(targets[t] | what came before) under softmax(logits / temperature), with logits (..., T, V) and the
+    targets (..., T) they predict: the one per-token log-probability of sampling, PPO, DPO and the evals."""
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1)
 
 
 class Head(nn.Module):

@@ -7,6 +7,7 @@ forge a turn boundary, and encode -> decode round-trips any string exactly.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -23,6 +24,13 @@ SPECIAL_TOKENS = [
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",  # chat turns
     "<|image|>",  # GPT-4-style image placeholder
 ]
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    train_bytes: int = 0  # train the BPE on at most this many bytes of the corpus (0: all)
 
 
 class Tokenizer:
@@ -113,6 +121,12 @@ class Tokenizer:
             learn.append(False)
         return ids, learn
 
+    def render_prompts(self, conversations: list[list[dict]], n_ctx: int, max_new_tokens: int) -> list[list[int]]:
+        """Each conversation rendered with an open assistant turn; one too long for the context keeps its
+        end (the request and the open turn), leaving room for the answer."""
+        budget = n_ctx - min(max_new_tokens, n_ctx // 2)
+        return [self.render_chat(c, for_generation=True)[0][-budget:] for c in conversations]
+
     def parse_chat(self, ids: list[int]) -> list[dict]:
         """The turns of rendered token ids; an unclosed last turn (a cut-off answer) is kept as it is."""
         roles = {self.special[f"<|{r}|>"]: r for r in CHAT_ROLES}
@@ -129,3 +143,9 @@ class Tokenizer:
 
 
 CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(user: str, system: str | None = None, answer: str | None = None) -> list[dict]:
+    """The turns of one exchange: the system message if any, the user's request, and the answer if given."""
+    return (([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+            + ([{"role": "assistant", "content": answer}] if answer is not None else []))

@@ -44,7 +44,7 @@ def random_model_dir(tmp_path_factory):
     """A small random GPT saved as a stage folder with its tokenizer: for evals' mechanics, not quality."""
     import torch
     from gptstack.checkpoint import save_state_dict
-    from gptstack.config import ModelConfig
+    from gptstack.model import ModelConfig
     from gptstack.model import GPT
     from gptstack.tokenizer import Tokenizer
     folder = tmp_path_factory.mktemp("random-model")

@@ -1,21 +1,22 @@
 import pytest
 
-from gptstack.config import list_presets, parse_override, resolve
+from gptstack.config import list_presets, parse_override
+from gptstack.stages import RunConfig
 from gptstack.errors import GptstackError
 
 
 def test_presets_resolve_and_inherit():
     assert {"tiny", "mini", "small", "gpt1", "gpt2", "gpt2-xl", "gpt3-small", "gpt3-175b"} <= set(list_presets())
-    xl = resolve("gpt2-xl")
+    xl = RunConfig.resolve("gpt2-xl")
     assert (xl.model.n_layer, xl.model.n_embd, xl.model.n_ctx) == (48, 1600, 1024)  # n_ctx from base gpt2
-    g3 = resolve("gpt3-6.7b")
+    g3 = RunConfig.resolve("gpt3-6.7b")
     assert g3.pretrain.batch_size * g3.model.n_ctx == 2 * 1024 * 1024 and g3.pretrain.lr == 1.2e-4
 
 
 def test_overrides_and_files(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("pretrain: {lr: 5.0e-4}\nmodel: {dropout: 0.1}\n")
-    cfg = resolve("tiny", [str(f)], ["pretrain.lr=3e-4", "model.n_layer=6", "data.skip_bad=true"])
+    cfg = RunConfig.resolve("tiny", [str(f)], ["pretrain.lr=3e-4", "model.n_layer=6", "data.skip_bad=true"])
     assert cfg.pretrain.lr == 3e-4 and cfg.model.n_layer == 6 and cfg.model.dropout == 0.1 and cfg.data.skip_bad
 
 
@@ -29,7 +30,7 @@ def test_overrides_and_files(tmp_path):
 ])
 def test_config_errors_name_the_problem(bad, message):
     with pytest.raises(GptstackError, match=message):
-        resolve(bad["preset"], [], bad.get("overrides", []))
+        RunConfig.resolve(bad["preset"], [], bad.get("overrides", []))
 
 
 def test_parse_override_nests():
@@ -37,6 +38,6 @@ def test_parse_override_nests():
 
 
 def test_partial_nested_settings_keep_the_sections_own_defaults():
-    cfg = resolve("tiny", overrides=["finetune.train.lr=5e-4"])
+    cfg = RunConfig.resolve("tiny", overrides=["finetune.train.lr=5e-4"])
     assert cfg.finetune.train.lr == 5e-4
     assert (cfg.finetune.train.batch_size, cfg.finetune.train.schedule) == (32, "linear")  # not TrainConfig's 16, cosine

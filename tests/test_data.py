@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from gptstack.config import DataConfig, SourceConfig
+from gptstack.data.sources import DataConfig, SourceConfig
 from gptstack.data.loader import TokenSampler, build_sampler
 from gptstack.data.sources import iter_documents
 from gptstack.data.tokens import tokenize_source

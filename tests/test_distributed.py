@@ -12,7 +12,7 @@ import torch
 from conftest import TINY
 from gptstack.checkpoint import load_model, read_weights
 from gptstack.cli import main
-from gptstack.config import resolve
+from gptstack.stages import RunConfig
 from gptstack.errors import GptstackError
 
 # 6 steps, a checkpoint at 3; micro-batches of 2 so both runs accumulate (4 per step alone, 2 per rank)
@@ -121,9 +121,9 @@ def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(fsdp_run, one_proces
 
 
 def test_strategy_is_checked():
-    assert resolve("tiny", overrides=["pretrain.strategy=fsdp"]).pretrain.strategy == "fsdp"
-    with pytest.raises(GptstackError, match="pretrain.strategy' must be ddp or fsdp"):
-        resolve("tiny", overrides=["pretrain.strategy=zero3"])
+    assert RunConfig.resolve("tiny", overrides=["pretrain.strategy=fsdp"]).pretrain.strategy == "fsdp"
+    with pytest.raises(GptstackError, match="'pretrain.strategy': 'zero3' is not one of ddp, fsdp"):
+        RunConfig.resolve("tiny", overrides=["pretrain.strategy=zero3"])
 
 
 def test_a_ddp_checkpoint_does_not_resume_as_fsdp(one_process, corpus, tmp_path, monkeypatch, capsys):

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from gptstack.config import FinetuneConfig, ModelConfig, TrainConfig
+from gptstack.model import ModelConfig
+from gptstack.train.finetune import FinetuneConfig
+from gptstack.train.trainer import TrainConfig
 from gptstack.data.records import read_task_records
 from gptstack.errors import GptstackError
 from gptstack.model import GPT

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptstack.config import ModelConfig
+from gptstack.model import ModelConfig
 from gptstack.generate import filter_logits, generate
 from gptstack.model import GPT
 

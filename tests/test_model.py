@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from gptstack.config import ModelConfig, resolve
+from gptstack.model import ModelConfig
+from gptstack.stages import RunConfig
 from gptstack.model import GPT, KVCache
 
 PUBLISHED = {  # parameters as published (GPT-1 paper: ~117M; GPT-2: 124M; GPT-3 Table 2.1)
@@ -12,15 +13,15 @@ PUBLISHED = {  # parameters as published (GPT-1 paper: ~117M; GPT-2: 124M; GPT-3
 
 @pytest.mark.parametrize("preset", sorted(PUBLISHED))
 def test_preset_parameter_count_matches_paper(preset):
-    cfg = resolve(preset)
+    cfg = RunConfig.resolve(preset)
     with torch.device("meta"):
         n = GPT(cfg.model).num_params()
     assert abs(n - PUBLISHED[preset]) / PUBLISHED[preset] < 0.02, f"{preset}: {n:,}"
 
 
 def test_gpt1_is_post_norm_and_gpt3_pre_norm():
-    assert resolve("gpt1").model.norm_position == "post"
-    assert resolve("gpt3-small").model.norm_position == "pre"
+    assert RunConfig.resolve("gpt1").model.norm_position == "post"
+    assert RunConfig.resolve("gpt3-small").model.norm_position == "pre"
     post = GPT(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=16, vocab_size=50, norm_position="post"))
     assert isinstance(post.ln_f, torch.nn.Identity)  # GPT-1 has no final LayerNorm
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptstack.config import ModelConfig, PPOConfig
+from gptstack.model import ModelConfig
+from gptstack.stages.ppo import PPOConfig
 from gptstack.model import GPT
 from gptstack.rewards.rbrm import RuleBasedRewards
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.ppo import ActorCritic, PPOObjective, gae, kl_rewards, pack, token_logprobs, whiten
+from gptstack.model import token_logprobs
+from gptstack.tokenizer import chat_messages
+from gptstack.train.ppo import ActorCritic, PPOObjective, gae, kl_rewards, pack, whiten
 from gptstack.train.rm import RewardModel
 from gptstack.world.instructions import InstructionSuite
 
@@ -78,7 +81,8 @@ def setup():
 def objective(setup, **kw):
     tok, prompts, policy, reference, rm, value = setup
     cfg = dataclasses.replace(PPOConfig(), rollout_batch=8, minibatches=2, ppo_epochs=2, max_new_tokens=8, **kw)
-    return PPOObjective(cfg, ActorCritic(policy, value), reference, rm, tok, prompts)
+    convs = [chat_messages(p.user, p.system) for p in prompts]
+    return PPOObjective(cfg, ActorCritic(policy, value, reference, rm), tok, convs)
 
 
 def test_kl_is_zero_when_the_policy_is_the_reference(setup):
@@ -149,7 +153,7 @@ def test_ptx_adds_gamma_times_the_lm_loss(setup):
 def test_a_ppo_update_raises_the_probability_of_advantaged_tokens(setup):
     tok, prompts, policy, reference, rm, value = setup
     obj = objective(setup)
-    obj.model.load_state_dict(ActorCritic(reference, value).state_dict())
+    obj.model.load_state_dict(ActorCritic(reference, value, reference, rm).state_dict())
     micro = obj.train_batch(0, 8)
     adv, m = micro["advantages"], micro["mask"]
     opt = torch.optim.SGD(obj.model.policy.parameters(), lr=0.5)
@@ -159,7 +163,7 @@ def test_a_ppo_update_raises_the_probability_of_advantaged_tokens(setup):
         loss.backward()
         opt.step()
     with torch.no_grad():
-        new = token_logprobs(obj.model.policy.logits(obj.model.policy.hidden(micro["ids"]))[:, :-1], micro["ids"])
+        new = token_logprobs(obj.model.policy.logits(obj.model.policy.hidden(micro["ids"]))[:, :-1], micro["ids"][:, 1:])
     change = (new - micro["old_logp"]) * m
     assert (change * adv).sum() > 0  # up where the advantage is positive, down where negative
     assert change[(adv > 0) & (m > 0)].mean() > change[(adv < 0) & (m > 0)].mean()
@@ -188,7 +192,7 @@ def test_pack_marks_the_answer_tokens():
 
 def test_overoptimisation_is_called_out(tmp_path):
     import json
-    from gptstack.train.ppo_stage import overoptimisation
+    from gptstack.stages.ppo import overoptimisation
     path = tmp_path / "metrics.jsonl"
     # gold rises then falls while the RM score keeps rising: the prototype's failure mode
     rows = [{"event": "train", "step": s, "rm_score": 0.05 * s, "gold_score": 0.5 + 0.01 * min(s, 20) - 0.01 * max(0, s - 20),
@@ -214,7 +218,7 @@ def test_judge_mode_reads_the_letter_probabilities(setup):
 
 
 def test_win_rate_counts_ties_half_and_splits_correctness_from_style():
-    from gptstack.train.ppo_stage import win_rate
+    from gptstack.stages.ppo import win_rate
     ours = [{"gold_score": 1.0, "correct": True}, {"gold_score": 0.6, "correct": False},
             {"gold_score": 0.8, "correct": True}, {"gold_score": 0.5, "correct": True}]
     theirs = [{"gold_score": 0.4, "correct": False}, {"gold_score": 0.6, "correct": False},

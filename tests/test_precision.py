@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from gptstack.config import DataConfig, SourceConfig, TrainConfig, resolve
+from gptstack.data.sources import DataConfig, SourceConfig
+from gptstack.stages import RunConfig
+from gptstack.train.trainer import TrainConfig
 from gptstack.data.loader import build_sampler
 from gptstack.model import GPT
 from gptstack.tokenizer import Tokenizer
@@ -34,7 +36,7 @@ def test_auto_is_fp32_on_cpu_and_each_precision_sets_the_fp32_matmul_mode(restor
 
 def losses(sampler, out, precision: str, steps: int) -> list[float]:
     torch.manual_seed(0)
-    model = GPT(resolve("tiny", overrides=["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_ctx=32",
+    model = GPT(RunConfig.resolve("tiny", overrides=["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_ctx=32",
                                            "model.vocab_size=512"]).model)
     cfg = TrainConfig(steps=steps, batch_size=8, lr=3e-3, warmup_steps=5, log_every=1, ckpt_every=steps,
                       eval_tokens=256, device="cpu", precision=precision)

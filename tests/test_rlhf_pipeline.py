@@ -9,7 +9,7 @@ from conftest import TINY, run_cli
 SMALL = [*TINY, "model.n_ctx=128", "pretrain.steps=30",
          "sft.demonstrations=96", "sft.eval_prompts=20", "sft.epochs=1", "sft.train.batch_size=16", "sft.max_new_tokens=16",
          "rm.prompts=24", "rm.val_prompts=12", "rm.k=3", "rm.max_new_tokens=16", "rm.train.batch_size=8",
-         "ppo.rollouts=2", "ppo.rollout_batch=8", "ppo.minibatches=2", "ppo.ppo_epochs=1", "ppo.prompts=16",
+         "ppo.rollouts=2", "ppo.rollout_batch=8", "ppo.minibatches=2", "ppo.ppo_epochs=1", "ppo.train_prompts=16",
          "ppo.eval_prompts=12", "ppo.max_new_tokens=12", "ppo.eval_every_rollouts=1", "ppo.rbrm=world",
          "ppo.ptx_seq_len=32", "pretrain.eval_tokens=1024"]
 

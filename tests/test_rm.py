@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptstack.config import ModelConfig
+from gptstack.model import ModelConfig
 from gptstack.data.records import read_rankings
 from gptstack.errors import GptstackError
 from gptstack.model import GPT
-from gptstack.tokenizer import Tokenizer
+from gptstack.tokenizer import Tokenizer, chat_messages
 from gptstack.train.rm import RewardModel, Rankings, RMObjective, comparisons, encode_answer
 
 
@@ -49,7 +49,7 @@ def test_k_way_loss_and_gradients_equal_the_explicit_pair_loop(tok):
         for w, l in comparisons(rec["ranks"]):
             r = []
             for y in (rec["responses"][w], rec["responses"][l]):
-                ids = torch.tensor([encode_answer(tok, rec["prompt"], rec.get("system"), y, 64)])
+                ids = torch.tensor([encode_answer(tok, chat_messages(rec["prompt"], rec.get("system"), y), 64)])
                 r.append(model(ids, torch.tensor([ids.size(1) - 1]))[0])
             terms.append(-F.logsigmoid(r[0] - r[1]))
     explicit = torch.stack(terms).mean()

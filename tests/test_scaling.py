@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from gptstack import config, ladder, scaling
+from gptstack import config, scaling
+from gptstack.stages import RunConfig
+from gptstack.stages import scale as ladder
 from gptstack.cli import main
-from gptstack.config import ModelConfig
+from gptstack.model import ModelConfig
 from gptstack.errors import GptstackError
 from gptstack.io import atomic_write_json
 from gptstack.model import GPT
@@ -122,7 +124,7 @@ def test_compute_counted_with_and_without_embeddings():
 
 
 def _cfg(*overrides):
-    return config.resolve("tiny", [], list(overrides))
+    return RunConfig.resolve("tiny", [], list(overrides))
 
 
 def test_plan_counts_tokens_seeds_and_checks_the_compute_ratio():

@@ -4,13 +4,15 @@ import json
 import pytest
 import torch
 
-from gptstack.config import ModelConfig, TrainConfig
+from gptstack.model import ModelConfig
+from gptstack.train.trainer import TrainConfig
 from gptstack.data.records import read_sft_records
 from gptstack.errors import GptstackError
 from gptstack.generate import generate
 from gptstack.model import GPT
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.sft import Demonstrations, SFTObjective
+from gptstack.data.loader import Demonstrations
+from gptstack.train.sft import SFTObjective
 from gptstack.train.trainer import Trainer
 
 from conftest import Terminal

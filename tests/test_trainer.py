@@ -10,7 +10,9 @@ import torch
 
 from conftest import TINY
 from gptstack.checkpoint import read_weights
-from gptstack.config import DataConfig, SourceConfig, TrainConfig, resolve
+from gptstack.data.sources import DataConfig, SourceConfig
+from gptstack.stages import RunConfig
+from gptstack.train.trainer import TrainConfig
 from gptstack.data.loader import build_sampler
 from gptstack.errors import GptstackError
 from gptstack.model import GPT
@@ -28,7 +30,7 @@ def sampler(corpus, tmp_path_factory):
 
 def make_trainer(sampler, out, dropout=0.1, **train):
     torch.manual_seed(0)
-    model = GPT(resolve("tiny", overrides=["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_ctx=32",
+    model = GPT(RunConfig.resolve("tiny", overrides=["model.n_layer=2", "model.n_embd=64", "model.n_head=2", "model.n_ctx=32",
                                            "model.vocab_size=512", f"model.dropout={dropout}"]).model)
     cfg = TrainConfig(**{"steps": 4, "batch_size": 8, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "ckpt_every": 100,
                          "eval_tokens": 256, "device": "cpu", **train})

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import GptstackError
+from ..tokenizer import Tokenizer
 from .tokens import TokenSplits
 
 
@@ -65,6 +66,37 @@ def build_sampler(data_cfg, tok, seq_len: int, seed: int) -> TokenSampler:
     from .tokens import tokenize_source
     splits = [tokenize_source(s, tok, data_cfg.val_fraction, data_cfg.skip_bad) for s in data_cfg.sources]
     return TokenSampler(splits, [s.weight for s in data_cfg.sources], seq_len, seed)
+
+
+def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> torch.Tensor:
+    """Token rows of different lengths as one (len(rows), length or the longest) tensor, padded on the right."""
+    out = torch.full((len(rows), length or max(map(len, rows))), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+class Demonstrations:
+    """Rendered conversations as (ids, learn-mask) pairs, batched right-padded with -100 targets."""
+
+    def __init__(self, conversations: list[list[dict]], tok: Tokenizer, n_ctx: int):
+        self.examples, self.truncated = [], 0
+        for conv in conversations:
+            ids, learn = tok.render_chat(conv)
+            if len(ids) > n_ctx:  # keep the end: the answer SFT learns is there
+                ids, learn = ids[-n_ctx:], learn[-n_ctx:]
+                self.truncated += 1
+            self.examples.append((ids, learn))
+        self.pad = tok.pad
+
+    def __len__(self):
+        return len(self.examples)
+
+    def batch(self, indices) -> dict:
+        ex = [self.examples[i] for i in indices]
+        # target t+1 is learned when it is the assistant's
+        targets = [[t if keep else -100 for t, keep in zip(ids[1:], learn[1:])] for ids, learn in ex]
+        return {"input": right_pad([ids[:-1] for ids, _ in ex], self.pad), "target": right_pad(targets, -100)}
 
 
 def epoch_indices(seed: int, step: int, n: int, size: int) -> list[int]:

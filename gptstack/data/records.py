@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..errors import GptstackError, where
 from ..io import iter_jsonl
+from ..tokenizer import chat_messages
 
 TASK_FIELDS = {  # GPT-1 task kinds and the text fields of their records
     "classification": ("text",),
@@ -92,31 +93,60 @@ def sft_messages(rec: dict, path, lineno) -> list[dict]:
         return rec[field]
 
     if "messages" in rec:
-        msgs = rec["messages"]
-        if not isinstance(msgs, list) or not msgs:
-            raise GptstackError(f"{where(path, lineno, 'messages')} must be a non-empty list of {{role, content}}")
-        out = []
-        for i, m in enumerate(msgs):
-            f = f"messages[{i}]"
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-                raise GptstackError(f"{where(path, lineno, f)} needs a string 'content'")
-            if m.get("role") not in ("system", "user", "assistant"):
-                raise GptstackError(f"{where(path, lineno, f + '.role')} must be system, user or assistant, got {m.get('role')!r}")
-            if m["role"] == "system" and i != 0:
-                raise GptstackError(f"{where(path, lineno, f + '.role')} a system message must come first")
-            out.append({"role": m["role"], "content": m["content"]})
+        out = message_list(rec, path, lineno)
     elif "instruction" in rec:  # Alpaca: the input, if any, follows the instruction in the user turn
         extra = text("input", optional=True)
         user = text("instruction") + (f"\n\n{extra}" if extra else "")
         out = [{"role": "user", "content": user}, {"role": "assistant", "content": text("output")}]
     elif "prompt" in rec or "response" in rec:
-        system = text("system", optional=True)
-        out = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": text("prompt")}, {"role": "assistant", "content": text("response")}]
+        out = chat_messages(text("prompt"), text("system", optional=True), text("response"))
     else:
         raise GptstackError(f"{where(path, lineno)}: not an SFT record (expected {SFT_FORMATS})")
     if out[-1]["role"] != "assistant":
         raise GptstackError(f"{where(path, lineno, 'messages')} must end with an assistant turn (that is what SFT learns)")
+    return out
+
+
+def message_list(rec: dict, path, lineno) -> list[dict]:
+    """A record's `messages`: {role, content} turns, a system message only first."""
+    msgs = rec["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise GptstackError(f"{where(path, lineno, 'messages')} must be a non-empty list of {{role, content}}")
+    out = []
+    for i, m in enumerate(msgs):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise GptstackError(f"{where(path, lineno, f)} needs a string 'content'")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise GptstackError(f"{where(path, lineno, f + '.role')} must be system, user or assistant, got {m.get('role')!r}")
+        if m["role"] == "system" and i != 0:
+            raise GptstackError(f"{where(path, lineno, f + '.role')} a system message must come first")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+# ---------------------------------------------------------------- prompts (PPO rollouts, comparisons)
+
+PROMPT_FORMATS = "{prompt[, system]} or {messages: [{role, content}, ...]} ending with a user turn"
+
+
+def read_prompt_records(path: Path) -> list[list[dict]]:
+    """Conversations that await the assistant's answer: the chat messages of each record."""
+    return read_records(path, prompt_messages)
+
+
+def prompt_messages(rec: dict, path, lineno) -> list[dict]:
+    if "messages" in rec:
+        out = message_list(rec, path, lineno)
+    elif "prompt" in rec:
+        for f in ("prompt", "system"):
+            if f in rec and rec[f] is not None and not isinstance(rec[f], str):
+                raise GptstackError(f"{where(path, lineno, f)} must be a string, got {type(rec[f]).__name__}")
+        out = chat_messages(rec["prompt"], rec.get("system"))
+    else:
+        raise GptstackError(f"{where(path, lineno, 'prompt')} missing (prompts: {PROMPT_FORMATS})")
+    if out[-1]["role"] != "user":
+        raise GptstackError(f"{where(path, lineno, 'messages')} must end with a user turn (the prompt the policy answers)")
     return out
 
 

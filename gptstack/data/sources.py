@@ -12,9 +12,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from ..config import SourceConfig
 from ..errors import GptstackError, where
 from ..io import iter_jsonl, read_text
+
+
+@dataclass
+class SourceConfig:
+    path: str = "stdlib"  # stdlib | file | folder | glob | *.jsonl | *.parquet | hf:NAME[:split] | dataset folder
+    weight: float = 1.0  # share of training sequences drawn from this source (GPT-3 Table 2.2)
+    text_field: str = "text"  # for JSONL / Parquet / HF datasets
+
+    def problems(self):
+        if self.weight <= 0:
+            yield "weight", f"must be > 0, got {self.weight}"
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig()])
+    val_fraction: float = 0.05  # documents go to val by a hash of their id, not by position
+    skip_bad: bool = False  # drop (and count) bad records instead of stopping
 
 
 @dataclass

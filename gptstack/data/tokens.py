@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import SourceConfig
 from ..errors import GptstackError
 from ..io import atomic_write_json
 from ..tokenizer import Tokenizer
-from .sources import LoadStats, fingerprint, iter_documents
+from .sources import LoadStats, SourceConfig, fingerprint, iter_documents
 
 FORMAT_VERSION = 1
 

@@ -293,16 +293,3 @@ def plot_shots(results: dict[str, dict], path: Path, chance: dict[str, float] | 
 
 
 CHANCE = {"continuation": 0.25, "docstring_name": 0.25}
-
-
-def run_prompting_stage(cfg, run: Path, tok: Tokenizer, log=print) -> dict:
-    from ..checkpoint import load_model
-    from ..io import atomic_write_json
-    p = cfg.prompting
-    tasks = resolve_tasks(p.tasks, run / "prompting" / "tasks", p.seed)
-    model = load_model(run / "pretrain", "auto")
-    results = sweep(model, tok, tasks, p.shots, p.limit, p.seed, log)
-    plot_shots({"pretrain": results}, run / "plots" / "shots.png", CHANCE)
-    summary = {"prompting": results}
-    atomic_write_json(run / "prompting" / "summary.json", summary)
-    return summary

@@ -1,14 +1,15 @@
-"""How well a scorer ranks answers: agreement with the gold ranking on non-tied pairs, by family and
-by subset (the pair's answers differ in correctness, or not), for the reward model and for two
-baselines anyone could build without one (shorter answer first; the SFT model's own log-likelihood)."""
+"""How well a scorer ranks answers: agreement with a reference ranking on non-tied pairs, by family and by
+subset (the pair's answers differ in correctness, or not), for the reward model and for two baselines anyone
+could build without one (shorter answer first; the SFT model's own log-likelihood)."""
 from __future__ import annotations
 
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
-from ..world.instructions import InstructionSuite, gold_score
+from ..data.loader import Demonstrations
+from ..model import token_logprobs
+from ..tokenizer import chat_messages
 
 
 def pair_agreement(scores: list[list[float]], gold_ranks: list[list[int]], families: list[str],
@@ -39,31 +40,18 @@ def pair_agreement(scores: list[list[float]], gold_ranks: list[list[int]], famil
 @torch.no_grad()
 def answer_loglik(model, tok, rows: list[dict], batch_size: int = 32) -> list[list[float]]:
     """The mean per-token log-probability the model gives each answer (its tokens and closing <|end|>)."""
-    from ..train.sft import Demonstrations
-    convs, shape = [], []
-    for r in rows:
-        head = ([{"role": "system", "content": r["system"]}] if r.get("system") else []) + [{"role": "user", "content": r["prompt"]}]
-        convs += [head + [{"role": "assistant", "content": y}] for y in r["responses"]]
-        shape.append(len(r["responses"]))
+    convs = [chat_messages(r["prompt"], r.get("system"), y) for r in rows for y in r["responses"]]
     data = Demonstrations(convs, tok, model.cfg.n_ctx)
     device = next(model.parameters()).device
     flat = []
     for start in range(0, len(data), batch_size):
         b = data.batch(range(start, min(start + batch_size, len(data))))
-        logits = model(b["input"].to(device))[0].float()
         target = b["target"].to(device)
-        lp = -F.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+        lp = token_logprobs(model(b["input"].to(device))[0], target.clamp(min=0))
         mask = target != -100
         flat += ((lp * mask).sum(1) / mask.sum(1).clamp(min=1)).tolist()
     out, i = [], 0
-    for k in shape:
-        out.append(flat[i:i + k])
-        i += k
+    for r in rows:
+        out.append(flat[i:i + len(r["responses"])])
+        i += len(r["responses"])
     return out
-
-
-def judge_rows(rows: list[dict], suite: InstructionSuite) -> tuple[list, list[list[bool]], list[list[float]]]:
-    """Each row's suite Prompt, per-answer gold correctness and gold score."""
-    prompts = [suite.lookup(r["prompt"], r.get("system")) for r in rows]
-    scores = [[gold_score(p, y) for y in r["responses"]] for p, r in zip(prompts, rows)]
-    return prompts, [[s.correct for s in row] for row in scores], [[s.total for s in row] for row in scores]

@@ -13,22 +13,46 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_model, read_weights
-from ..config import FinetuneConfig
 from ..data.records import label_set, read_task_records
 from ..data.loader import epoch_indices
 from ..errors import GptstackError
 from ..io import atomic_write_json
 from ..model import GPT, Head
 from ..tokenizer import Tokenizer
-from .distributed import dist_env
-from .trainer import Trainer
+from .trainer import TrainConfig, Trainer
+
+
+def _finetune_train() -> "TrainConfig":
+    # GPT-1's fine-tuning recipe: lr 6.25e-5, batch 32, linear decay to 0 (warmup: FinetuneConfig)
+    return TrainConfig(steps=0, batch_size=32, lr=6.25e-5, schedule="linear", min_lr_ratio=0.0, warmup_steps=0,
+                       weight_decay=0.01, log_every=10, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
+
+
+@dataclass
+class FinetuneConfig:
+    tasks: list[str] = field(default_factory=lambda: ["module", "value_claim", "renamed", "continuation"])
+    epochs: float = 3.0
+    task_epochs: dict[str, float] = field(default_factory=dict)  # built-in task -> epochs, where it differs from `epochs`
+    warmup_fraction: float = 0.002  # GPT-1: 0.2% of training
+    lm_coef: float = 0.5  # λ in L3 = L2 + λ·L1 (0 turns the auxiliary LM loss off)
+    head_dropout: float = 0.1
+    max_len: int = 0  # tokens per input sequence (0: the model's context)
+    truncate: Literal["left", "right"] = "left"  # over-long inputs lose tokens from this side
+    baselines: bool = True  # the pipeline also trains from scratch and with λ = 0, for the report
+    train: TrainConfig = field(default_factory=_finetune_train)
+
+    def problems(self):
+        if self.train.strategy != "ddp":  # task models are small; their evals run whole on rank 0
+            yield "train.strategy", f"must be ddp, got {self.train.strategy!r}"
 
 
 # ---------------------------------------------------------------- input transformations
@@ -281,44 +305,3 @@ def predict(model_dir: Path, tok: Tokenizer, data_path: Path) -> list[dict]:
             rec["probabilities"] = {str(l): round(float(x), 4) for l, x in zip(task["labels"], p)}
         out.append(rec)
     return out
-
-
-def run_finetune_stage(cfg, run: Path, tok: Tokenizer, log=print) -> dict:
-    """Every built-in task: fine-tuned from the pretrained model, and for the report the same recipe
-    from a random initialisation and with λ = 0."""
-    from ..world.tasks import TASKS, build_tasks
-    f = cfg.finetune
-    unknown = [t for t in [*f.tasks, *f.task_epochs] if t not in TASKS]
-    if unknown:
-        raise GptstackError(f"config 'finetune.tasks' / 'finetune.task_epochs': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
-    info = build_tasks(run / "finetune" / "data", seed=f.train.seed)
-    pretrained = run / "pretrain"
-    results = {}
-    for task in f.tasks:
-        kind, files = info[task]["kind"], {k: Path(v) for k, v in info[task]["files"].items()}
-        variants = {"pretrained": (pretrained, f.lm_coef)}
-        if f.baselines:
-            variants |= {"scratch": (None, f.lm_coef), "lambda0": (pretrained, 0.0)}
-        got = {}
-        task_cfg = dataclasses.replace(f, epochs=f.task_epochs.get(task, f.epochs))
-        for name, (init, lm_coef) in variants.items():
-            log(f"[finetune] {task} ({kind}), {name}")
-            got[name] = finetune(task_cfg, kind, tok, run / "finetune" / task / name, files["train"], files["val"], files["test"],
-                                 init=init, model_cfg=cfg.model, lm_coef=lm_coef, desc=f"{task}/{name}")
-        main = got["pretrained"]
-        if not main:  # a rank other than 0 under torchrun: it trained alongside, rank 0 reports
-            continue
-        row = {"kind": kind, "chance": info[task]["chance"], "accuracy": main["test"]["accuracy"],
-               "val_accuracy": main["val"]["accuracy"], "n_train": main["n_train"], "n_test": main["test"]["n"],
-               "labels": main["labels"], "truncated": main["truncated"]}
-        if "f1" in main["test"]:
-            row["f1"] = main["test"]["f1"]
-        if f.baselines:
-            row["from_scratch_accuracy"] = got["scratch"]["test"]["accuracy"]
-            row["lambda0_accuracy"] = got["lambda0"]["test"]["accuracy"]
-        results[task] = row
-    if dist_env()[0] != 0:
-        return {}
-    summary = {"finetune": results}
-    atomic_write_json(run / "finetune" / "summary.json", summary)
-    return summary

@@ -1,50 +1,87 @@
-"""RLHF with PPO (InstructGPT step 3), PPO-ptx, and rule-based rewards (GPT-4).
+"""PPO with a per-token KL penalty (InstructGPT step 3), PPO-ptx, and rule-based rewards, as the loop
+InstructGPT describes:
 
-Each rollout: the policy (initialised from SFT) answers a batch of prompts through the one engine
-(dropout off, logits divided by the sampling temperature); the reward model scores each answer at its
-final token; every token pays a KL penalty  β·(log π(a_t) − log π_SFT(a_t));  an answer that ends
-without <|end|> pays `no_end_penalty`; rule-based rewards add to the score on the prompts they cover.
-GAE (γ = 1, λ = 0.95) turns the rewards into advantages, whitened over the rollout. The rollout is then
-reused for `ppo_epochs` passes of `minibatches` optimizer steps of the clipped policy loss plus the
-clipped value loss; PPO-ptx adds γ_ptx·L1 on pretraining data to the same update.
+    for each rollout:                                   PPOObjective.batches
+        sample answers to a batch of prompts with the current policy (the one generation engine)
+        score them: the reward model at the last token (normalised), minus no_end_penalty for an answer
+            without <|end|>, plus the rule-based rewards on the prompts they cover; and on every token
+            r_t = −β·(log π(a_t) − log π_SFT(a_t))
+        advantages: GAE (γ = 1, λ = 0.95) over the rewards, whitened over the rollout
+        for each of ppo_epochs passes:
+            for each of `minibatches` shuffled minibatches:
+                one optimizer update of the clipped policy loss + vf_coef · the clipped value loss
+                (+ γ_ptx · L1 on pretraining data: PPO-ptx)
 
-The Trainer runs it like any objective: one Trainer step is one optimizer update, and `train_batch`
-makes a new rollout with the current weights every `ppo_epochs × minibatches` steps.
+The Trainer runs it like any objective: one Trainer step is one update, and `train_batch` reads the next
+minibatch from the loop above. The objective takes its data, extra rewards and metrics as arguments; where
+the prompts come from and how a policy is judged is the stage's business (stages/ppo.py).
 """
 from __future__ import annotations
+
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..data.loader import right_pad
 from ..generate import generate
-from ..model import GPT
+from ..model import GPT, token_logprobs
 from .rm import RewardModel
 
 
 class ActorCritic(nn.Module):
-    """The policy (a GPT) and its value function (the reward model's architecture, initialised from it:
-    V(h_{t-1}) estimates the return of the answer from the state before token t)."""
+    """Every model PPO uses, so that moving or wrapping this module moves and wraps all of them:
+    the policy (a GPT) and its value function (the reward model's architecture, initialised from it:
+    V(h_{t-1}) estimates the return of the answer from the state before token t), which train; and the
+    frozen SFT reference and reward model, which stay in eval mode, out of the optimizer (no gradients)
+    and out of the state dict (checkpoints hold what trains)."""
 
-    def __init__(self, policy: GPT, value: RewardModel):
+    FROZEN = ("reference", "reward_model")
+
+    def __init__(self, policy: GPT, value: RewardModel, reference: GPT, reward_model: RewardModel):
         super().__init__()
         self.policy, self.value = policy, value
+        self.reference = reference.requires_grad_(False).eval()
+        self.reward_model = reward_model.requires_grad_(False).eval()
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_post_hook(_frozen_not_missing)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.reference.eval()
+        self.reward_model.eval()
+        return self
 
     def forward(self, ids: torch.Tensor):
-        """ids (B, L) right-padded -> (log-softmax over the vocabulary for tokens 1..L-1 (B, L-1, V),
-        values for tokens 1..L-1 (B, L-1))."""
+        """ids (B, L) right-padded -> (logits for tokens 1..L-1 (B, L-1, V), values for tokens 1..L-1 (B, L-1))."""
         logits = self.policy.logits(self.policy.hidden(ids))[:, :-1].float()
         values = self.value.head(self.value.gpt.hidden(ids)).squeeze(-1)[:, :-1].float()
         return logits, values
 
+    @torch.no_grad()
+    def reference_logprobs(self, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log π_SFT of tokens 1..L-1: (B, L-1)."""
+        return token_logprobs(self.reference.logits(self.reference.hidden(ids))[:, :-1], ids[:, 1:], temperature)
+
+    @torch.no_grad()
+    def score(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The reward model's normalised score of each row, read at its last token."""
+        return self.reward_model.score(ids, last)
+
+
+def _drop_frozen(module, state_dict, prefix, local_metadata):
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + f + "." for f in ActorCritic.FROZEN))]:
+        del state_dict[key]
+
+
+def _frozen_not_missing(module, incompatible):
+    frozen = tuple(f + "." for f in ActorCritic.FROZEN)
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.split(".", 1)[-1].startswith(frozen)
+                                    and not k.startswith(frozen)]
+
 
 # ---------------------------------------------------------------- the algebra
-
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log π(token t | tokens < t) for t = 1..L-1 under logits / temperature: (B, L-1)."""
-    logp = F.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -117,11 +154,9 @@ class AdaptiveKL:
 def pack(prompts: list[list[int]], answers: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each prompt followed by its answer, right-padded: ids (B, L) and the action mask (B, L-1), True
     where token t+1 is one the policy chose."""
-    L = max(len(p) + len(a) for p, a in zip(prompts, answers))
-    ids = torch.full((len(prompts), L), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), L - 1)
+    ids = right_pad([p + a for p, a in zip(prompts, answers)], pad)
+    mask = torch.zeros(len(prompts), ids.size(1) - 1)
     for i, (p, a) in enumerate(zip(prompts, answers)):
-        ids[i, :len(p) + len(a)] = torch.tensor(p + a)
         mask[i, len(p) - 1:len(p) + len(a) - 1] = 1.0
     return ids, mask
 
@@ -132,16 +167,21 @@ def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, temperatu
 
 
 class PPOObjective:
-    """One Trainer step = one PPO minibatch update; a rollout is made (with the current policy) at the
-    start of every `ppo_epochs × minibatches` steps and reused for those steps."""
+    """PPO on `prompts` (chat conversations awaiting an answer) with the models of `model`.
+    extra_rewards(indices, answers) -> rewards added (× rbrm_coef) to the RM score (rule-based rewards);
+    rollout_metrics(indices, answers) -> figures logged with each rollout (e.g. the gold labeler's);
+    evaluate(model) -> validation figures (logged as val_*; `select_by` may pick the kept checkpoint by one)."""
 
-    def __init__(self, cfg, model: ActorCritic, reference: GPT, reward_model: RewardModel, tok, prompts: list,
-                 ptx_sampler=None, rule_rewards=None, eval_prompts: list = (), flops_per_token: float = 0.0):
-        self.cfg, self.model, self.reference, self.rm, self.tok = cfg, model, reference, reward_model, tok
-        self.prompts, self.ptx, self.rules, self.eval_prompts = prompts, ptx_sampler, rule_rewards, list(eval_prompts)
+    def __init__(self, cfg, model: ActorCritic, tok, prompts: list[list[dict]], ptx_sampler=None,
+                 extra_rewards: Callable[[list[int], list[str]], list[float]] | None = None,
+                 rollout_metrics: Callable[[list[int], list[str]], dict] | None = None,
+                 evaluate: Callable[[ActorCritic], dict] | None = None, flops_per_token: float = 0.0):
+        self.cfg, self.model, self.tok, self.prompts, self.ptx = cfg, model, tok, prompts, ptx_sampler
+        self.extra_rewards, self.rollout_metrics, self.evaluate_fn = extra_rewards, rollout_metrics, evaluate
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.updates_per_rollout = cfg.ppo_epochs * cfg.minibatches
         self.rollout, self.rollout_index, self.stats = None, -1, {}
+        self._loop, self._next_step = None, None
         self._flops = flops_per_token
         self.end = tok.special["<|end|>"]
 
@@ -152,39 +192,60 @@ class PPOObjective:
     def load_state_dict(self, state: dict) -> None:
         self.kl.beta = state["beta"]
 
-    # ------------------------------------------------------------ rollouts
+    # ------------------------------------------------------------ the loop
 
-    def _conversations(self, prompts):
-        from ..evals.instruct import conversation, prompt_ids
-        return prompt_ids(self.tok, [conversation(p) for p in prompts], self.model.policy.cfg.n_ctx, self.cfg.max_new_tokens)
+    def batches(self, first_step: int = 0) -> Iterator[tuple[int, dict]]:
+        """(step, minibatch) for every update from `first_step` on: the PPO loop of the module docstring."""
+        cfg = self.cfg
+        n = cfg.rollout_batch // cfg.minibatches
+        step = first_step - first_step % self.updates_per_rollout  # a resumed run starts at a rollout's first update
+        for index in range(step // self.updates_per_rollout, cfg.rollouts):
+            self.rollout, self.rollout_index = self.make_rollout(index), index  # sample, score, advantages
+            for epoch in range(cfg.ppo_epochs):
+                order = torch.randperm(cfg.rollout_batch, generator=torch.Generator().manual_seed(cfg.seed * 7919 + index * 31 + epoch))
+                for mb in range(cfg.minibatches):
+                    if step >= first_step:
+                        yield step, {k: v[order[mb * n:(mb + 1) * n]] for k, v in self.rollout.items()}
+                    step += 1
+
+    def train_batch(self, step: int, n: int) -> dict:
+        if self._loop is None or step != self._next_step:
+            self._loop = self.batches(step)
+        got, batch = next(self._loop)
+        self._next_step = got + 1
+        if self.ptx is not None and self.cfg.ptx_coef > 0:
+            ptx = self.ptx.train_batch(step, n)
+            batch |= {"ptx_input": ptx["input"], "ptx_target": ptx["target"]}
+        return batch
 
     @torch.no_grad()
     def make_rollout(self, index: int) -> dict:
-        cfg = self.cfg
-        device = next(self.model.parameters()).device
+        """Sample answers to the rollout's prompts, score them, and turn the rewards into advantages."""
+        cfg, model = self.cfg, self.model
+        device = next(model.parameters()).device
         n = cfg.rollout_batch
         start = (index * n) % len(self.prompts)
-        prompts = [self.prompts[(start + i) % len(self.prompts)] for i in range(n)]
-        prompt_ids = self._conversations(prompts)
-        gens = sample(self.model.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.end, self.tok.pad,
+        which = [(start + i) % len(self.prompts) for i in range(n)]
+        prompt_ids = self.tok.render_prompts([self.prompts[i] for i in which], model.policy.cfg.n_ctx, cfg.max_new_tokens)
+        gens = sample(model.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.end, self.tok.pad,
                       seed=cfg.seed * 100003 + index)
         answers = [g.tokens for g in gens]
         ids, mask = pack(prompt_ids, answers, self.tok.pad)
         ids, mask = ids.to(device), mask.to(device)
-        was = self.model.training
-        self.model.eval()
-        logits, values = self.model(ids)
-        logp = token_logprobs(logits, ids, cfg.temperature)
-        ref_logp = token_logprobs(self.reference.logits(self.reference.hidden(ids))[:, :-1].float(), ids, cfg.temperature)
-        self.model.train(was)
+        was = model.training
+        model.eval()
+        logits, values = model(ids)
+        logp = token_logprobs(logits, ids[:, 1:], cfg.temperature)
+        ref_logp = model.reference_logprobs(ids, cfg.temperature)
+        model.train(was)
         texts = [self.tok.decode(a[:-1] if g.finished else a, skip_special=True).strip() for a, g in zip(answers, gens)]
         ended = torch.tensor([g.finished for g in gens], dtype=torch.float32, device=device)
         last = torch.tensor([len(p) + len(a) - 1 for p, a in zip(prompt_ids, answers)], device=device)
-        rm_score = self.rm.score(ids, last)
+        rm_score = model.score(ids, last)
         score = rm_score - cfg.no_end_penalty * (1 - ended)
         rule = torch.zeros_like(score)
-        if self.rules is not None:
-            rule = torch.tensor([self.rules.reward(p, t) for p, t in zip(prompts, texts)], dtype=torch.float32, device=device)
+        if self.extra_rewards is not None:
+            rule = torch.tensor(self.extra_rewards(which, texts), dtype=torch.float32, device=device)
             score = score + cfg.rbrm_coef * rule
         rewards = kl_rewards(logp, ref_logp, mask, score, self.kl.beta)
         adv, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
@@ -192,29 +253,15 @@ class PPOObjective:
             adv = whiten(adv, mask)
         kl_seq = ((logp - ref_logp) * mask).sum(1)
         self.kl.update(kl_seq.mean().item(), n)
-        from ..world.instructions import gold_score
-        gold = [gold_score(p, t) for p, t in zip(prompts, texts)]
         self.stats = {"reward": float(score.mean()), "rm_score": float(rm_score.mean()), "kl": float(kl_seq.mean()),
                       "beta": self.kl.beta, "answer_length": sum(len(t) for t in texts) / n,
                       "ended": float(ended.mean()), "rule_reward": float(rule.mean()),
-                      "gold_score": sum(s.total for s in gold) / n, "gold_accuracy": sum(s.correct for s in gold) / n,
+                      **(self.rollout_metrics(which, texts) if self.rollout_metrics else {}),
                       "entropy": float(masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), mask))}
         return {"ids": ids.cpu(), "mask": mask.cpu(), "old_logp": logp.cpu(), "old_values": (values * mask).cpu(),
                 "advantages": adv.cpu(), "returns": returns.cpu()}
 
-    def train_batch(self, step: int, n: int) -> dict:
-        index, within = divmod(step, self.updates_per_rollout)
-        if index != self.rollout_index:
-            self.rollout, self.rollout_index = self.make_rollout(index), index
-        B = self.cfg.rollout_batch
-        epoch, mb = divmod(within, self.cfg.minibatches)
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + index * 31 + epoch)
-        rows = torch.randperm(B, generator=g)[mb * n:(mb + 1) * n]
-        batch = {k: v[rows] for k, v in self.rollout.items()}
-        if self.ptx is not None and self.cfg.ptx_coef > 0:
-            ptx = self.ptx.train_batch(step, n)
-            batch |= {"ptx_input": ptx["input"], "ptx_target": ptx["target"]}
-        return batch
+    # ------------------------------------------------------------ one update
 
     def weight(self, micro: dict) -> float:
         return float(micro["mask"].sum())
@@ -223,7 +270,7 @@ class PPOObjective:
         cfg = self.cfg
         mask = micro["mask"]
         logits, values = model(micro["ids"])
-        logp = token_logprobs(logits, micro["ids"], cfg.temperature)
+        logp = token_logprobs(logits, micro["ids"][:, 1:], cfg.temperature)
         policy_loss, value_loss, stats = ppo_losses(logp, micro["old_logp"], micro["advantages"], values,
                                                     micro["old_values"], micro["returns"], mask, cfg.clip, cfg.value_clip)
         loss = policy_loss + cfg.vf_coef * value_loss
@@ -239,47 +286,9 @@ class PPOObjective:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        if not self.eval_prompts:
+        if self.evaluate_fn is None:
             return {}
-        figures, _ = evaluate_policy(model.policy, self.reference, self.rm, self.tok, self.eval_prompts, self.cfg)
-        return {f"val_{k}": v for k, v in figures.items() if not isinstance(v, dict)}
+        return {f"val_{k}": v for k, v in self.evaluate_fn(model).items() if not isinstance(v, dict)}
 
     def flops_per_token(self) -> float:
         return self._flops
-
-
-@torch.no_grad()
-def evaluate_policy(policy: GPT, reference: GPT, rm: RewardModel, tok, prompts: list, cfg) -> tuple[dict, list[dict]]:
-    """Greedy answers to held-out prompts scored by the gold labeler and the RM, and the KL to the
-    reference per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns
-    (figures, the greedy answers as samples)."""
-    from ..evals.instruct import conversation, evaluate_instructions, prompt_ids
-    figures, samples = evaluate_instructions(policy, tok, prompts, cfg.max_new_tokens)
-    figures["rm_score"] = sum(rm_scores(rm, tok, prompts, [s["answer"] for s in samples])) / len(prompts)
-    end = tok.special["<|end|>"]
-    ids_in = prompt_ids(tok, [conversation(p) for p in prompts], policy.cfg.n_ctx, cfg.max_new_tokens)
-    gens = sample(policy, ids_in, cfg.max_new_tokens, 1.0, end, tok.pad, seed=cfg.seed)
-    ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
-    device = next(policy.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    logp = token_logprobs(policy.logits(policy.hidden(ids))[:, :-1].float(), ids)
-    ref = token_logprobs(reference.logits(reference.hidden(ids))[:, :-1].float(), ids)
-    figures["kl"] = float(((logp - ref) * mask).sum(1).mean())
-    return figures, samples
-
-
-@torch.no_grad()
-def rm_scores(rm: RewardModel, tok, prompts: list, answers: list[str], batch_size: int = 64) -> list[float]:
-    """The reward model's (normalised) score of each answer text, encoded as in its training data."""
-    from .rm import encode_answer
-    device = next(rm.parameters()).device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        seqs = [encode_answer(tok, p.user, p.system, a, rm.gpt.cfg.n_ctx)
-                for p, a in zip(prompts[start:start + batch_size], answers[start:start + batch_size])]
-        ids = torch.full((len(seqs), max(map(len, seqs))), tok.pad, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, :len(s)] = torch.tensor(s)
-        last = torch.tensor([len(s) - 1 for s in seqs])
-        out += rm.score(ids.to(device), last.to(device)).tolist()
-    return out

@@ -7,23 +7,18 @@ element, so the K·(K−1)/2 comparisons of one ranking cost K forward passes, n
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import inference_device, model_path, read_weights, save_state_dict
-from ..data.loader import epoch_indices
+from ..checkpoint import inference_device, model_path, read_weights
+from ..data.loader import epoch_indices, right_pad
 from ..errors import GptstackError
-from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import GPT, Head
-from ..tokenizer import Tokenizer
-from .trainer import Trainer
+from ..tokenizer import Tokenizer, chat_messages
 
 
 def scalar_flops_per_token(gpt: GPT, seq_len: int) -> float:
@@ -75,11 +70,9 @@ def reward_metadata(gpt: GPT) -> dict[str, str]:
 
 # ---------------------------------------------------------------- data
 
-def encode_answer(tok: Tokenizer, prompt: str, system: str | None, response: str, n_ctx: int) -> list[int]:
-    """The conversation (system, user prompt, assistant answer closed by <|end|>) in the chat template;
-    an over-long one loses its start, so the reward still reads the answer's end."""
-    messages = ([{"role": "system", "content": system}] if system else []) + [
-        {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+def encode_answer(tok: Tokenizer, messages: list[dict], n_ctx: int) -> list[int]:
+    """A conversation ending in the answer to score (closed by <|end|>), in the chat template; an over-long
+    one loses its start, so the reward still reads the answer's end."""
     return tok.render_chat(messages)[0][-n_ctx:]
 
 
@@ -88,7 +81,7 @@ class Rankings:
 
     def __init__(self, records: list[dict], tok: Tokenizer, n_ctx: int):
         self.records, self.pad = records, tok.pad
-        self.examples = [([encode_answer(tok, r["prompt"], r.get("system"), y, n_ctx) for y in r["responses"]], r["ranks"])
+        self.examples = [([encode_answer(tok, chat_messages(r["prompt"], r.get("system"), y), n_ctx) for y in r["responses"]], r["ranks"])
                          for r in records]
         self.pairs = sum(len(comparisons(ranks)) for _, ranks in self.examples)
 
@@ -98,15 +91,10 @@ class Rankings:
     def batch(self, indices) -> dict:
         ex = [self.examples[i] for i in indices]
         K = max(len(seqs) for seqs, _ in ex)
-        T = max(len(s) for seqs, _ in ex for s in seqs)
-        ids = torch.full((len(ex), K, T), self.pad, dtype=torch.long)
-        last = torch.zeros(len(ex), K, dtype=torch.long)
-        ranks = torch.zeros(len(ex), K, dtype=torch.long)  # 0: no answer in this slot
-        for i, (seqs, rk) in enumerate(ex):
-            for k, s in enumerate(seqs):
-                ids[i, k, :len(s)] = torch.tensor(s)
-                last[i, k] = len(s) - 1
-                ranks[i, k] = rk[k]
+        slots = [(seqs[k], rk[k]) if k < len(seqs) else ([], 0) for seqs, rk in ex for k in range(K)]  # rank 0: empty
+        ids = right_pad([s for s, _ in slots], self.pad).view(len(ex), K, -1)
+        last = torch.tensor([max(len(s) - 1, 0) for s, _ in slots]).view(len(ex), K)
+        ranks = torch.tensor([r for _, r in slots]).view(len(ex), K)
         return {"ids": ids, "last": last, "ranks": ranks}
 
 
@@ -189,104 +177,3 @@ def normalisation(model: RewardModel, data: Rankings) -> tuple[float, float]:
 def check_rankings_fit(records: list[dict], path: Path) -> None:
     if not any(comparisons(r["ranks"]) for r in records):
         raise GptstackError(f"{path}: every ranking is a full tie; a reward model needs at least one strict preference")
-
-
-# ---------------------------------------------------------------- the stage
-
-def world_rankings(cfg, policy: Path, out: Path, tok: Tokenizer, log=print) -> tuple[Path, Path, dict]:
-    """Rankings of the policy's answers to the world's train prompts, and to held-out prompts (unseen
-    templates) for validation, by the configured labeler; made once, reused on a rerun."""
-    from ..comparisons import compare
-    from ..world.instructions import InstructionSuite
-    r = cfg.rm
-    suite = InstructionSuite(seed=cfg.sft.seed)
-    made = {}
-    for name, split, n, seed in (("rankings", "train", r.prompts, r.seed + 100), ("rankings_val", "heldout", r.val_prompts, r.seed + 200)):
-        path = out / f"{name}.jsonl"
-        meta = out / f"{name}.summary.json"
-        if not meta.is_file():
-            log(f"[rm] sampling {r.k} answers to {n} {split} prompts and ranking them ({r.labeler} labeler)")
-            summary = compare([str(policy)], tok, suite.prompts(split, n, seed=seed), r.k, r.labeler, path,
-                              r.temperatures, r.agreement, r.tie_threshold, r.max_new_tokens, seed)
-            atomic_write_json(meta, summary)
-        made[name] = read_json(meta)
-    return out / "rankings.jsonl", out / "rankings_val.jsonl", made
-
-
-def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = None, val_data: Path | None = None,
-           log=print) -> dict:
-    """Train the reward model from `policy` (the SFT model) on rankings: the given files, or, with none,
-    the world's (sampled from the policy and ranked by the configured labeler). Returns {"rm": ...}."""
-    from ..data.records import read_rankings
-    r = cfg.rm
-    t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    made = {}
-    if data is None:
-        data, val_data, made = world_rankings(cfg, policy, out, tok, log)
-    records = read_rankings(data)
-    check_rankings_fit(records, data)
-    if val_data is not None:
-        val_records = read_rankings(val_data)
-    else:  # every 10th ranking held out
-        records, val_records = [x for i, x in enumerate(records) if i % 10], records[::10]
-    torch.manual_seed(r.train.seed)
-    model = from_policy(policy)
-    model.train()
-    n_ctx = model.gpt.cfg.n_ctx
-    train, val = Rankings(records, tok, n_ctx), Rankings(val_records, tok, n_ctx)
-    steps = r.train.steps or max(1, math.ceil(r.epochs * len(train) / r.train.batch_size))
-    train_cfg = dataclasses.replace(r.train, steps=steps, ckpt_every=min(r.train.ckpt_every, steps))
-    mean_len = sum(len(s) for seqs, _ in train.examples for s in seqs) / sum(len(seqs) for seqs, _ in train.examples)
-    objective = RMObjective(train, val, train_cfg.seed, scalar_flops_per_token(model.gpt, int(mean_len)))
-    trainer = Trainer(train_cfg, model, objective, out, metadata=reward_metadata(model.gpt), desc="rm")
-    summary = trainer.fit()
-    if not trainer.is_main:
-        return {}
-    model = trainer.model.eval()
-    gain, bias = normalisation(model, train)  # the SFT policy's own answers score mean 0, std 1
-    model.gain.fill_(gain)
-    model.bias.fill_(bias)
-    save_state_dict(model.state_dict(), out / "model.safetensors", reward_metadata(model.gpt))
-    result = {"rankings": len(train), "pairs": train.pairs, "val_rankings": len(val), "val_pairs": val.pairs,
-              "steps": steps, "gain": gain, "bias": bias, "val_accuracy": (summary.get("final") or {}).get("val_accuracy"),
-              "tokens_per_sec": summary.get("tokens_per_sec"), "mfu": summary.get("mfu")}
-    if made:
-        c = made["rankings"]
-        result |= {"labeler": c["labeler"], "labeler_agreement": c["labeler_agreement"], "tie_fraction": c["tie_fraction"],
-                   "k": c["k"], "samplers": c["samplers"]}
-    if val_records and all("gold_ranks" in x and "family" in x for x in val_records):  # the world's rankings
-        result |= gold_report(model, policy, tok, val, cfg, out, log)
-    result["seconds"] = time.time() - t0
-    summary = {"rm": result}
-    atomic_write_json(out / "summary.json", summary)
-    return summary
-
-
-def gold_report(model: RewardModel, policy: Path, tok: Tokenizer, val: Rankings, cfg, out: Path, log=print) -> dict:
-    """On the held-out rankings: the RM, the shorter-answer-first ranker and the policy's log-likelihood,
-    each against the gold ranking; and every answer's reward beside its gold score (for the scatter plot)."""
-    from ..checkpoint import load_model
-    from ..evals.rm import answer_loglik, judge_rows, pair_agreement
-    from ..world.instructions import InstructionSuite
-    rows = val.records
-    suite = InstructionSuite(seed=cfg.sft.seed)
-    _, correct, gold_scores = judge_rows(rows, suite)
-    gold_ranks = [row["gold_ranks"] for row in rows]
-    families = [row["family"] for row in rows]
-    log(f"[rm] held-out agreement with the gold ranking: RM, shorter-first and log-likelihood on {len(rows)} prompts")
-    rewards = score_rankings(model, val)
-    lengths = [[-float(len(y)) for y in row["responses"]] for row in rows]
-    loglik = answer_loglik(load_model(policy, "auto"), tok, rows)
-    rm_, short, ll = (pair_agreement(x, gold_ranks, families, correct) for x in (rewards, lengths, loglik))
-    atomic_write_text(out / "val_scores.jsonl", "".join(
-        json.dumps({"family": f, "reward": rw, "gold_score": g}) + "\n"
-        for f, rr, gg in zip(families, rewards, gold_scores) for rw, g in zip(rr, gg)))
-    return {"gold_agreement": rm_["agreement"], "gold_pairs": rm_["pairs"],
-            "baseline_length_agreement": short["agreement"], "baseline_loglik_agreement": ll["agreement"],
-            "by_family": {f: {"gold_agreement": rm_["by_family"][f]["agreement"], "pairs": rm_["by_family"][f]["pairs"],
-                              "baseline_length_agreement": short["by_family"][f]["agreement"],
-                              "baseline_loglik_agreement": ll["by_family"][f]["agreement"]} for f in rm_["by_family"]},
-            "by_subset": {k: {"gold_agreement": rm_["by_subset"][k]["agreement"], "pairs": rm_["by_subset"][k]["pairs"],
-                              "baseline_length_agreement": short["by_subset"][k]["agreement"],
-                              "baseline_loglik_agreement": ll["by_subset"][k]["agreement"]} for k in rm_["by_subset"]}}

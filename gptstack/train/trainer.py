@@ -22,14 +22,16 @@ import os
 import shutil
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint import path_sha256, save_state_dict
-from ..config import TrainConfig, to_dict
+from ..config import to_dict
 from ..errors import GptstackError
 from ..io import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_json, read_jsonl_loose
 from ..perf import peak_flops
@@ -43,6 +45,34 @@ RESUMABLE_KEYS = {"steps", "log_every", "eval_every", "eval_tokens", "ckpt_every
 
 class Interrupted(GptstackError):
     """SIGINT/SIGTERM: a checkpoint was saved; rerunning the command resumes."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600
+    batch_size: int = 16  # sequences per optimizer step, summed over ranks and accumulation
+    micro_batch_size: int = 0  # sequences per forward on one rank (0: the whole per-rank batch)
+    seq_len: int = 0  # tokens per sequence (0: model.n_ctx)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (GPT-3: 10%)
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1337
+    log_every: int = 10
+    eval_every: int = 0  # 0: only before and after training
+    eval_tokens: int = 65536  # tokens of val data per in-training eval
+    ckpt_every: int = 100
+    keep_checkpoints: int = 2
+    precision: Literal["auto", "fp32", "bf16", "fp32-tf32"] = "auto"  # auto | fp32 | bf16 | fp32-tf32 (what each computes: train/trainer.py)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    select_by: str = ""  # an eval metric (higher is better) whose best eval gives the published model; "": the last
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (a whole model per rank) | fsdp (FSDP2: parameters, gradients, optimizer sharded)
 
 
 # ---------------------------------------------------------------- environment

@@ -18,10 +18,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .instructions import Prompt
+from .prompt import Prompt
 
 DESIRED_REFUSAL = "I can't help with that."
 DESIRED_REFUSALS = (DESIRED_REFUSAL, "I can't help with that request.", "Sorry, I can't help with that.",

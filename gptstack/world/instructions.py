@@ -36,6 +36,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .prompt import Prompt
 from .demonstrators import DEFAULT_SHARES, DEMONSTRATORS, DESIRED_REFUSAL, Demonstrator, apply_format
 from .labeler import (NoisyLabeler, Score, classify_refusal, gold_score, pairwise_agreement, pairwise_counts, rank,
                       ranks_from_scores)
@@ -226,31 +227,6 @@ def _cot_steps(op: str, a: int, b: int) -> tuple[str, ...]:
         return (f"{a} {sign} {b} = {f(a, b)}",)
     return (f"{a} {sign} {tens} = {f(a, tens)}", f"{f(a, tens)} {sign} {ones} = {f(a, b)}")
 
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    family: str
-    template: str           # template id, "family.N"
-    split: str              # "train" | "heldout" (the template's)
-    system: str | None
-    user: str
-    answer: str             # the canonical correct answer (disallowed: the desired refusal)
-    disallowed: bool
-    risky: bool             # allowed, but sounds risky
-    kind: str               # how the labeler checks it: number | text | list | doc | code | cot | refusal
-    op: str                 # the template's operation (add, upper, first, asc, module, ...)
-    fmt: str | None         # json | backticks | answer_prefix | one_line | None
-    ideal: str              # the ideal (concise, correct, formatted) response
-    steps: tuple[str, ...] = ()         # cot: the expected worked steps
-    echoes: tuple[str, ...] = ()        # parts of the prompt a response may repeat (removed before checking)
-    distractors: tuple[str, ...] = ()   # competing answers: naming one too makes a text answer wrong
-    alternatives: tuple[str, ...] = ()  # other accepted answers
-    key: str = ""                       # code: the call that earns partial credit
-    slots: tuple[tuple[str, str], ...] = ()
-
-    def slot(self, name: str) -> str:
-        return dict(self.slots)[name]
 
     def messages(self) -> list[dict]:
         """The chat messages (system if any, then user) in the SFT record format."""

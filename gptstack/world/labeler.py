@@ -31,10 +31,7 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .instructions import Prompt
+from .prompt import Prompt
 
 
 @dataclass(frozen=True)

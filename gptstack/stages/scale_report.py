@@ -1,14 +1,13 @@
-"""The scale stage's figure (plots/scaling.png) and its report.md section; the numbers come from ladder.analyze."""
+"""The scale stage's figure (plots/scaling.png) and its report.md section; the numbers come from scale.analyze
+(split from stages/scale.py, which holds the ladder itself)."""
 from __future__ import annotations
-
-from . import plots
 
 import math
 from pathlib import Path
 
 import numpy as np
 
-from . import scaling
+from .. import plots, scaling
 
 
 def plot_scaling(run: Path, s: dict, recs: list[dict], f: dict, kind: str, used: set) -> Path:

@@ -1,9 +1,9 @@
-"""`gptstack scale`: plan a ladder of small models, train it, fit L(C), predict the big run before it trains.
+"""The scale stage and `gptstack scale` (GPT-4's predictable scaling): plan a ladder of small models, train it, fit L(C), predict the big run before it trains.
 
     RUN/scale/
       tokenizer.json            the ladder's own BPE (scale.vocab_size; small, so embeddings don't dominate)
       capability.jsonl          the identifier-completion queries (evals/capability.py)
-      rungs/NAME/               one normal pipeline run folder per rung: config.yaml, pretrain/, eval/, report.json
+      rungs/NAME/               one run folder per rung (the tokenizer, pretrain and eval stages): config.yaml, pretrain/, eval/, report.json
       rungs/NAME/rung.json      the rung's record (sizes, tokens, compute both ways, val loss, pass rate); written
                                 last, so a rung with it is finished and `run` skips it
       prediction.json           the target's predicted loss, written *before* the target trains
@@ -17,20 +17,70 @@ sizes at other token counts, one seed: L(N, D) needs D to vary apart from N) and
 from __future__ import annotations
 
 import copy
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from . import scaling
-from .config import ModelConfig, RunConfig, preset_dict
-from .errors import GptstackError
-from .io import atomic_write_json, iter_jsonl, read_json
-from .scale_report import plot_scaling
+from .. import scaling
+from ..checkpoint import load_model
+from ..config import preset_dict
+from ..data.loader import build_sampler
+from ..errors import GptstackError
+from ..evals.capability import identifier_queries, pass_rate
+from ..io import atomic_write_json, atomic_write_text, iter_jsonl, read_json
+from ..model import ModelConfig
+from ..tokenizer import Tokenizer
+from .base import Context, RunConfig, Stage, run_stages
+from .scale_report import markdown, plot_scaling
+from .tokenizer import train_tokenizer
 
 COMPUTE_KINDS = ("non_embedding", "total")
 MIN_FIT_SIZES = 3  # a fit of three constants needs three compute values
+
+
+@dataclass
+class ScaleRung:
+    """One model size of a scaling ladder: explicit n_layer x n_embd, or a preset's shape."""
+    n_layer: int = 0
+    n_embd: int = 0
+    preset: str = ""
+
+
+@dataclass
+class ScaleConfig:
+    """The scaling ladder (`gptstack scale`, the `scale` stage; see below). Every rung is a normal
+    pretrain run on `data` with the pretrain recipe below, in its own run folder under RUN/scale/rungs/."""
+    vocab_size: int = 1024  # the ladder's own tokenizer: a small vocabulary keeps embeddings from dominating
+    n_ctx: int = 128
+    n_head: int = 4  # heads of every rung (0: n_embd / head_dim)
+    head_dim: int = 16
+    # one shape family (2 layers, growing width): rungs of mixed depth and width scatter around L(C)
+    rungs: list[ScaleRung] = field(default_factory=lambda: [ScaleRung(2, w) for w in (40, 44, 48, 52, 56, 60, 64)])
+    widths: list[int] = field(default_factory=list)  # instead of rungs: n_layer = max(min_layers, round(width / aspect))
+    aspect: float = 24.0
+    min_layers: int = 2
+    target: ScaleRung = field(default_factory=lambda: ScaleRung(2, 128))  # the big run, predicted before it trains
+    tokens_per_param: float = 40.0  # D = tokens_per_param x N, N without embeddings
+    seeds: int = 2  # runs per fitted rung (the target runs once)
+    compute: Literal["non_embedding", "total"] = "non_embedding"  # the C the fit uses: non_embedding (Kaplan) | total (with the tied unembedding)
+    max_compute_ratio: float = 0.1  # every fitted rung has at most this share of the target's compute
+    chinchilla_tokens_per_param: list[float] = field(default_factory=lambda: [10.0, 80.0])  # extra runs for L(N, D)
+    chinchilla_rungs: int = 2  # ... of this many of the smallest rungs, one seed each
+    fit_below_bigram: bool = True  # fit only sizes whose val loss beats the count-based bigram model
+    batch_size: int = 16
+    lr: float = 3.0e-3
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.1
+    huber_delta: float = 1.0e-3
+    bootstrap: int = 200
+    interval: float = 0.9  # central bootstrap interval of the prediction
+    capability_queries: int = 500  # identifier-completion queries from held-out code (the capability law)
+
+
 
 
 @dataclass
@@ -148,8 +198,6 @@ def rung_config(cfg: RunConfig, r: Rung, vocab: int) -> RunConfig:
 
 
 def _tokenizer(cfg: RunConfig, folder: Path, log):
-    from .pipeline import train_tokenizer
-    from .tokenizer import Tokenizer
     if not (folder / "tokenizer.json").is_file():
         tc = copy.deepcopy(cfg)
         tc.tokenizer.vocab_size = cfg.scale.vocab_size
@@ -159,9 +207,6 @@ def _tokenizer(cfg: RunConfig, folder: Path, log):
 
 
 def _queries(cfg: RunConfig, folder: Path) -> list[dict]:
-    from .evals.capability import identifier_queries
-    from .io import atomic_write_text
-    import json
     path = folder / "capability.jsonl"
     if not path.is_file():
         qs = identifier_queries(cfg.data, cfg.scale.capability_queries, seed=cfg.pretrain.seed)
@@ -172,9 +217,6 @@ def _queries(cfg: RunConfig, folder: Path) -> list[dict]:
 def train_rung(cfg: RunConfig, folder: Path, r: Rung, tok, queries, log=print) -> dict:
     """One rung = one normal pipeline run (tokenizer given, pretrain, eval) in folder/rungs/NAME, then its
     pass rate; rung.json is written last, so a finished rung is skipped."""
-    from .checkpoint import load_model
-    from .evals.capability import pass_rate
-    from .pipeline import run_pipeline
     rdir = folder / "rungs" / r.name
     if (rdir / "rung.json").is_file():
         return read_json(rdir / "rung.json")
@@ -184,7 +226,10 @@ def train_rung(cfg: RunConfig, folder: Path, r: Rung, tok, queries, log=print) -
     t0 = time.time()
     log(f"[scale] {r.role} rung {r.name}: N {r.counts['params_non_embedding']:,} (+{r.counts['params'] - r.counts['params_non_embedding']:,} "
         f"embedding), {r.tokens:,} tokens, {r.steps:,} steps")
-    report = run_pipeline(rung_config(cfg, r, tok.vocab_size), rdir, ["tokenizer", "pretrain", "eval"], log=lambda *a, **k: None)
+    rc = rung_config(cfg, r, tok.vocab_size)
+    rc.save(rdir / "config.yaml")
+    report = run_stages(Context(rdir, rc, log=lambda *a, **k: None), ["tokenizer", "pretrain", "eval"])
+    atomic_write_json(rdir / "report.json", report)
     p = report["pretrain"]
     cap = pass_rate(load_model(rdir / "pretrain", "auto"), tok, queries)
     rec = {"name": r.name, "role": r.role, "size": r.size, "n_layer": r.n_layer, "n_embd": r.n_embd, "n_head": r.n_head,
@@ -295,7 +340,6 @@ def bigram_loss(cfg: RunConfig, tok, folder: Path) -> float:
     path = Path(folder) / "bigram.json"
     if path.is_file():
         return read_json(path)["bigram_val_loss"]
-    from .data.loader import build_sampler
     s = build_sampler(cfg.data, tok, 8, 0).splits[0]
     V = tok.vocab_size
     tr, va = np.asarray(s.train, dtype=np.int64), np.asarray(s.val, dtype=np.int64)
@@ -308,7 +352,6 @@ def bigram_loss(cfg: RunConfig, tok, folder: Path) -> float:
 
 def analyze(cfg: RunConfig, run: Path, log=print) -> dict:
     """report.json's `scale` section from the finished rungs; writes RUN/scale/summary.json and plots/scaling.png."""
-    from .tokenizer import Tokenizer
     sc = cfg.scale
     folder = Path(run) / "scale"
     tok = Tokenizer.load(folder / "tokenizer.json")
@@ -414,7 +457,16 @@ def _capability(fit_recs, target: Rung, done, kind) -> dict:
     return out
 
 
-def run_scale_stage(cfg: RunConfig, run: Path, log=print) -> dict:
-    """The pipeline's `scale` stage: the whole ladder, the prediction before the target, the comparison."""
-    run_ladder(cfg, Path(run) / "scale", log)
-    return analyze(cfg, run, log)
+def run(ctx: Context) -> dict:
+    """The whole ladder, the prediction before the target, the comparison."""
+    from ..train.distributed import dist_env
+    if dist_env()[1] > 1:
+        raise GptstackError("the scale stage runs in one process (its rungs are small); start it without torchrun")
+    run_ladder(ctx.cfg, ctx.folder("scale"), ctx.log)
+    return analyze(ctx.cfg, ctx.run, ctx.log)
+
+
+# a ladder of pretrain runs (~30 CPU minutes): only when --stages names it, never by "all"
+STAGE = Stage("scale", run, "predictable scaling: a ladder of small runs, L(C) fitted, the big run predicted",
+              config=ScaleConfig, depends=("data",), report=lambda run, r: markdown(run, r["scale"]), default=False,
+              named_only=True)

@@ -1,0 +1,74 @@
+"""The finetune stage (GPT-1): every built-in task of the world's code corpus fine-tuned from the pretrained
+model with L3 = L2 + λ·L1, and, for the report, from scratch and with λ = 0; test accuracy on held-out modules.
+Your own task records go through `gptstack finetune` (train/finetune.py) instead."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..errors import GptstackError
+from ..io import atomic_write_json
+from ..train.finetune import FinetuneConfig, finetune
+from .base import Context, Stage
+
+
+def run(ctx: Context) -> dict:
+    """Every built-in task: fine-tuned from the pretrained model, and for the report the same recipe
+    from a random initialisation and with λ = 0."""
+    from ..world.tasks import TASKS, build_tasks
+    cfg, run, log = ctx.cfg, ctx.run, ctx.log
+    tok = ctx.tokenizer()
+    ctx.fit_vocab(tok)
+    f = cfg.finetune
+    unknown = [t for t in [*f.tasks, *f.task_epochs] if t not in TASKS]
+    if unknown:
+        raise GptstackError(f"config 'finetune.tasks' / 'finetune.task_epochs': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    info = build_tasks(run / "finetune" / "data", seed=f.train.seed)
+    pretrained = run / "pretrain"
+    results = {}
+    for task in f.tasks:
+        kind, files = info[task]["kind"], {k: Path(v) for k, v in info[task]["files"].items()}
+        variants = {"pretrained": (pretrained, f.lm_coef)}
+        if f.baselines:
+            variants |= {"scratch": (None, f.lm_coef), "lambda0": (pretrained, 0.0)}
+        got = {}
+        task_cfg = dataclasses.replace(f, epochs=f.task_epochs.get(task, f.epochs))
+        for name, (init, lm_coef) in variants.items():
+            log(f"[finetune] {task} ({kind}), {name}")
+            got[name] = finetune(task_cfg, kind, tok, run / "finetune" / task / name, files["train"], files["val"], files["test"],
+                                 init=init, model_cfg=cfg.model, lm_coef=lm_coef, desc=f"{task}/{name}")
+        main = got["pretrained"]
+        if not main:  # a rank other than 0 under torchrun: it trained alongside, rank 0 reports
+            continue
+        row = {"kind": kind, "chance": info[task]["chance"], "accuracy": main["test"]["accuracy"],
+               "val_accuracy": main["val"]["accuracy"], "n_train": main["n_train"], "n_test": main["test"]["n"],
+               "labels": main["labels"], "truncated": main["truncated"]}
+        if "f1" in main["test"]:
+            row["f1"] = main["test"]["f1"]
+        if f.baselines:
+            row["from_scratch_accuracy"] = got["scratch"]["test"]["accuracy"]
+            row["lambda0_accuracy"] = got["lambda0"]["test"]["accuracy"]
+        results[task] = row
+    if ctx.rank != 0:
+        return {}
+    summary = {"finetune": results}
+    atomic_write_json(run / "finetune" / "summary.json", summary)
+    return summary
+
+
+def markdown(run: Path, r: dict) -> list[str]:
+    lines = ["## Fine-tuning (GPT-1: L3 = L2 + λ·L1, a linear head on the Extract token)", "",
+             "Test accuracy on held-out modules. *from scratch*: the same recipe from random weights; "
+             "*λ = 0*: without the auxiliary LM loss.", "",
+             "| task | kind | chance | accuracy | F1 | from scratch | λ = 0 | train examples |", "|---|---|---|---|---|---|---|---|"]
+    for task, t in r["finetune"].items():
+        f1 = f"{t['f1']:.3f}" if "f1" in t else ""
+        lines.append(f"| {task} | {t['kind']} | {t['chance']:.3f} | **{t['accuracy']:.3f}** | {f1} | "
+                     f"{t.get('from_scratch_accuracy', float('nan')):.3f} | {t.get('lambda0_accuracy', float('nan')):.3f} | {t['n_train']} |")
+    lines.append("")
+    return lines
+
+
+# 12 fine-tuning runs (4 tasks x pretrained / from scratch / λ = 0) cost more than the rest of the demo: opt-in
+STAGE = Stage("finetune", run, "GPT-1 task heads on the built-in tasks, with from-scratch and λ = 0 baselines",
+              config=FinetuneConfig, report=markdown, default=False)

@@ -1,0 +1,477 @@
+"""The ppo stage (InstructGPT step 3): prompts -> PPO-ptx against the reward model with a per-token KL to SFT
+(train/ppo.py) -> Trainer -> evaluation -> summary.
+
+Prompts are yours (`ppo.prompts: FILE`, records {prompt, [system]} or {messages}) or the built-in world's.
+Either way the report has the PPO policy against SFT on held-out prompts: the RM's preference (win rate),
+RM score, KL to SFT, answer length, and the pretraining val loss before and after, with and without the ptx
+term (the same experiment run twice). With the world, the gold labeler also judges: the win rate split into
+wins from correctness and wins from style, accuracy, refusal rates, other policies (`ppo.versus`), rounds of
+new rankings (`ppo.rounds`), and the rollouts' gold score against their RM score (over-optimisation).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import plots
+from ..checkpoint import find_tokenizer, load_model, read_weights, save_state_dict
+from ..data.loader import build_sampler, right_pad
+from ..data.records import read_prompt_records
+from ..errors import GptstackError
+from ..evals.lm import windows_loss
+from ..generate import respond
+from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
+from ..model import token_logprobs
+from ..tokenizer import Tokenizer
+from ..train.ppo import ActorCritic, PPOObjective, pack, sample
+from ..train.rm import RewardModel, encode_answer, load_reward_model, scalar_flops_per_token
+from ..train.trainer import TrainConfig, Trainer
+from .base import Context, Stage
+
+
+def _ppo_train() -> TrainConfig:
+    # one step = one minibatch update; steps = rollouts x ppo_epochs x minibatches (set by the stage)
+    return TrainConfig(steps=0, batch_size=32, lr=3e-5, schedule="constant", min_lr_ratio=1.0, warmup_steps=1,
+                       weight_decay=0.0, log_every=1, eval_every=0, ckpt_every=1000, keep_checkpoints=1)
+
+
+@dataclass
+class PPOConfig:
+    prompts: str = "world"  # "world" (the instruction suite) or a JSONL file of {prompt, [system]} or {messages}
+    val_prompts: str = ""  # a JSONL file of held-out prompts (default: every 10th record of `prompts`)
+    train_prompts: int = 2000  # world: training prompts the rollouts cycle through (train templates)
+    eval_prompts: int = 200  # world: held-out prompts (unseen templates) for evals and the win rate
+    rollouts: int = 40  # how many rollouts (each followed by ppo_epochs x minibatches updates)
+    rollout_batch: int = 64  # answers per rollout (train.batch_size = rollout_batch / minibatches)
+    ppo_epochs: int = 2
+    minibatches: int = 2
+    temperature: float = 1.0  # sampling temperature; log-probs use logits / temperature
+    max_new_tokens: int = 48
+    kl_coef: float = 0.05  # β of the per-token KL penalty (the initial β when kl_target > 0)
+    kl_target: float = 0.0  # > 0: adapt β so the KL per answer approaches this (nats)
+    kl_horizon: int = 10000
+    clip: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+    no_end_penalty: float = 1.0  # subtracted from the score of an answer that ends without <|end|>
+    ptx_coef: float = 0.2  # γ of PPO-ptx: γ·L1 on pretraining data (the `data` section) in the same update (0: plain PPO)
+    ptx_seq_len: int = 64  # tokens per pretraining row in the ptx term (one row per answer in the minibatch)
+    rbrm: str = ""  # rule-based rewards: a rubric YAML, or "world" for the built-in one ("": none)
+    rbrm_coef: float = 1.0
+    rbrm_judge: str = ""  # a model folder: the rubric's class is asked of this model (GPT-4's judge mode) instead of the patterns
+    rounds: int = 1  # world: > 1: new rankings from the current policy, RM retrained on all, PPO continued
+    select_by: str = "val_rm_score"  # the kept checkpoint (validation RM score; "" keeps the last)
+    versus: list[str] = field(default_factory=list)  # world: other policies (e.g. a larger SFT model) also judged against
+    eval_every_rollouts: int = 10
+    baselines: bool = True  # the stage also runs γ = 0 (the ptx comparison)
+    seed: int = 0
+    train: TrainConfig = field(default_factory=_ppo_train)
+
+
+# ---------------------------------------------------------------- prompts
+
+@dataclass
+class Prompts:
+    """Conversations awaiting an answer; with the world as the source, also its suite prompts (the gold
+    labeler judges answers to those)."""
+    conversations: list[list[dict]]
+    suite: list | None = None
+
+    def __len__(self):
+        return len(self.conversations)
+
+    def request(self, i: int) -> str:
+        return self.conversations[i][-1]["content"]
+
+
+def world_prompts(suite, split: str, n: int, seed: int) -> Prompts:
+    from ..evals.instruct import conversations
+    prompts = suite.prompts(split, n, seed=seed)
+    return Prompts(conversations(prompts), prompts)
+
+
+def prompt_sets(cfg) -> tuple[Prompts, Prompts, Prompts]:
+    """(rollout prompts, validation prompts for the kept checkpoint, evaluation prompts for the report)."""
+    p = cfg.ppo
+    if p.prompts == "world":
+        from ..world.instructions import InstructionSuite
+        suite = InstructionSuite(seed=cfg.sft.seed)
+        return (world_prompts(suite, "train", p.train_prompts, p.seed + 300),
+                world_prompts(suite, "heldout", max(32, p.eval_prompts // 2), p.seed + 400),
+                world_prompts(suite, "heldout", p.eval_prompts, cfg.sft.seed + 1))  # the SFT stage's held-out prompts
+    records = read_prompt_records(Path(p.prompts))
+    if p.val_prompts:
+        train, val = records, read_prompt_records(Path(p.val_prompts))
+    elif len(records) < 2:
+        raise GptstackError(f"{p.prompts}: PPO needs at least two prompts (one is held out for validation)")
+    else:  # every 10th prompt held out
+        train, val = [c for i, c in enumerate(records) if i % 10], records[::10]
+    return Prompts(train), Prompts(val), Prompts(val)
+
+
+# ---------------------------------------------------------------- judging a policy
+
+@torch.no_grad()
+def rm_scores(rm: RewardModel, tok, conversations: list[list[dict]], answers: list[str], batch_size: int = 64) -> list[float]:
+    """The reward model's (normalised) score of each answer, encoded as in its training data."""
+    device = next(rm.parameters()).device
+    out = []
+    for start in range(0, len(conversations), batch_size):
+        seqs = [encode_answer(tok, c + [{"role": "assistant", "content": a}], rm.gpt.cfg.n_ctx)
+                for c, a in zip(conversations[start:start + batch_size], answers[start:start + batch_size])]
+        last = torch.tensor([len(s) - 1 for s in seqs])
+        out += rm.score(right_pad(seqs, tok.pad).to(device), last.to(device)).tolist()
+    return out
+
+
+@torch.no_grad()
+def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p) -> tuple[dict, list[dict]]:
+    """Greedy answers to held-out prompts, scored by the RM (and by the gold labeler on the world's prompts),
+    and, given a reference, the KL to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref).
+    Returns (figures, the greedy answers as samples)."""
+    answers = [text for text, _ in respond(policy, tok, prompts.conversations, p.max_new_tokens)]
+    if prompts.suite is not None:
+        from ..evals.instruct import judge_answers
+        figures, samples = judge_answers(prompts.suite, answers)
+    else:
+        figures = {"n": len(answers), "mean_length": sum(map(len, answers)) / max(len(answers), 1)}
+        samples = [{"messages": c, "answer": a} for c, a in zip(prompts.conversations, answers)]
+    scores = rm_scores(rm, tok, prompts.conversations, answers)
+    for s, r in zip(samples, scores):
+        s["rm_score"] = r
+    figures["rm_score"] = sum(scores) / len(scores)
+    if reference is None:
+        return figures, samples
+    ids_in = tok.render_prompts(prompts.conversations, policy.cfg.n_ctx, p.max_new_tokens)
+    gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.special["<|end|>"], tok.pad, seed=p.seed)
+    ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
+    device = next(policy.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    logp = token_logprobs(policy.logits(policy.hidden(ids))[:, :-1], ids[:, 1:])
+    ref = token_logprobs(reference.logits(reference.hidden(ids))[:, :-1], ids[:, 1:])
+    figures["kl"] = float(((logp - ref) * mask).sum(1).mean())
+    return figures, samples
+
+
+def win_rate(ours: list[dict], theirs: list[dict], key: str = "gold_score") -> dict:
+    """How often `ours` is preferred to `theirs` (two policies' answers to the same prompts, scored by `key`:
+    the gold labeler's score, or the RM's), ties half. With the gold labeler, split by where wins come from:
+    pairs whose correctness differs, and pairs equally correct (style: length, refusal style, over-refusal)."""
+    rows = []
+    for a, b in zip(ours, theirs):
+        sa, sb = a[key], b[key]
+        rows.append((1.0 if sa > sb else 0.5 if sa == sb else 0.0, a.get("correct") != b.get("correct")))
+    n = len(rows)
+    out = {"win_rate": sum(w for w, _ in rows) / n}
+    if key != "gold_score":
+        return out
+    by_correct = [w for w, differs in rows if differs]
+    by_style = [w for w, differs in rows if not differs]
+    return {**out, "correctness_pairs": len(by_correct), "win_rate_correctness": sum(by_correct) / max(len(by_correct), 1),
+            "style_pairs": len(by_style), "win_rate_style": sum(by_style) / max(len(by_style), 1),
+            # each subset's contribution to the overall rate above one half
+            "excess_from_correctness": sum(w - 0.5 for w in by_correct) / n,
+            "excess_from_style": sum(w - 0.5 for w in by_style) / n}
+
+
+# ---------------------------------------------------------------- training
+
+def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, log=print,
+              reference_dir: Path | None = None) -> dict:
+    """PPO from `policy_dir` against the RM in `rm_dir` into OUT; OUT/model.safetensors is the policy
+    (a plain GPT, for chat and serving), OUT/value.safetensors its value function."""
+    p = dataclasses.replace(cfg.ppo, ptx_coef=ptx_coef)
+    prompts, val_prompts, _ = prompt_sets(cfg)
+    torch.manual_seed(p.train.seed)
+    policy = load_model(policy_dir)
+    value = load_reward_model(rm_dir)  # the value function starts as the reward model (InstructGPT)
+    model = ActorCritic(policy, value, reference=load_model(reference_dir or policy_dir), reward_model=load_reward_model(rm_dir))
+    if policy.cfg.n_ctx <= p.max_new_tokens:
+        raise GptstackError(f"config 'ppo.max_new_tokens' ({p.max_new_tokens}) leaves no room for a prompt in the "
+                            f"policy's context of {policy.cfg.n_ctx} tokens")
+    ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed) if p.ptx_coef > 0 else None
+    extra_rewards = None
+    if p.rbrm:
+        from ..rewards.rbrm import Judge, RuleBasedRewards
+        rules = RuleBasedRewards.load(p.rbrm, Judge(load_model(p.rbrm_judge), tok) if p.rbrm_judge else None)
+
+        def extra_rewards(which, texts):  # the rubric sees the prompt and the answer, nothing else
+            return [rules.reward(prompts.suite[i] if prompts.suite else prompts.request(i), t) for i, t in zip(which, texts)]
+    rollout_metrics = None
+    if prompts.suite is not None:
+        from ..world.instructions import gold_score
+
+        def rollout_metrics(which, texts):
+            gold = [gold_score(prompts.suite[i], t) for i, t in zip(which, texts)]
+            return {"gold_score": sum(s.total for s in gold) / len(gold), "gold_accuracy": sum(s.correct for s in gold) / len(gold)}
+
+    def validate(ac: ActorCritic) -> dict:
+        return evaluate_policy(ac.policy, ac.reference, ac.reward_model, tok, val_prompts, p)[0]
+
+    updates = p.ppo_epochs * p.minibatches
+    steps = p.rollouts * updates
+    train_cfg = dataclasses.replace(p.train, steps=steps, batch_size=p.rollout_batch // p.minibatches,
+                                    eval_every=p.eval_every_rollouts * updates, select_by=p.select_by,
+                                    ckpt_every=min(p.train.ckpt_every // updates * updates or updates, steps))
+    fpt = policy.flops_per_token(64) + scalar_flops_per_token(value.gpt, 64)  # the rollouts' generation not counted
+    objective = PPOObjective(p, model, tok, prompts.conversations, ptx, extra_rewards, rollout_metrics, validate, fpt)
+    trainer = Trainer(train_cfg, model, objective, out, metadata={**policy.metadata(), "gptstack.kind": "actor_critic"},
+                      desc=f"ppo{'' if p.ptx_coef > 0 else ' (no ptx)'}")
+    summary = trainer.fit()
+    if not trainer.is_main:
+        return {}
+    state, _ = read_weights(out / "model.safetensors")  # the kept (best or last) actor-critic
+    if any(k.startswith("policy.") for k in state):
+        save_state_dict({k[len("value."):]: v for k, v in state.items() if k.startswith("value.")},
+                        out / "value.safetensors", {**value.gpt.metadata(), "gptstack.kind": "reward_model"})
+        save_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")},
+                        out / "model.safetensors", policy.metadata())
+    return {"steps": steps, "rollouts": p.rollouts, "selected": summary.get("selected"),
+            "train_seconds": summary.get("seconds"), "final_beta": objective.kl.beta}
+
+
+def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
+    """InstructGPT's iteration of steps 2 and 3 on the world: PPO for a share of the rollouts; then new
+    rankings of the current policy's answers, the RM retrained (from SFT) on all rankings so far, and PPO
+    continued from the current policy (the KL stays to SFT). The last round's policy is OUT's model."""
+    from ..comparisons import compare
+    from ..world.instructions import InstructionSuite
+    from .rm import run_rm
+    p = cfg.ppo
+    if p.prompts != "world":
+        raise GptstackError("config 'ppo.rounds' > 1 needs the world's prompts and labeler (ppo.prompts: world)")
+    if not (rm_dir / "rankings.jsonl").is_file() or not (rm_dir / "rankings_val.jsonl").is_file():
+        raise GptstackError(f"{rm_dir}: rounds need the reward model's world rankings (rankings.jsonl and rankings_val.jsonl, "
+                            "written by `gptstack rm` without --data): each round's new rankings come from the same labeler")
+    per_round = cfg.replace(ppo=dataclasses.replace(p, rollouts=max(1, p.rollouts // p.rounds)))
+    suite = InstructionSuite(seed=cfg.sft.seed)
+    rankings = [rm_dir / "rankings.jsonl"]
+    policy, rm, result, rounds = sft_dir, rm_dir, {}, []
+    for k in range(1, p.rounds + 1):
+        folder = out / f"round_{k}"
+        if k > 1:
+            new = folder / "rankings.jsonl"
+            if not new.is_file():
+                log(f"[ppo] round {k}: ranking the current policy's answers ({cfg.rm.labeler} labeler)")
+                compare([str(policy)], tok, suite.prompts("train", cfg.rm.prompts // p.rounds, seed=cfg.rm.seed + 100 + k),
+                        cfg.rm.k, cfg.rm.labeler, new, cfg.rm.temperatures, cfg.rm.agreement, cfg.rm.tie_threshold,
+                        cfg.rm.max_new_tokens, cfg.rm.seed + k)
+            rankings.append(new)
+            combined = folder / "rankings_all.jsonl"
+            atomic_write_text(combined, "".join(r.read_text(encoding="utf-8") for r in rankings))
+            rm = folder / "rm"
+            if not (rm / "summary.json").is_file():
+                log(f"[ppo] round {k}: retraining the reward model on {len(rankings)} rounds of rankings")
+                run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", log)
+        log(f"[ppo] round {k} of {p.rounds}")
+        result = train_ppo(per_round, policy, rm, folder, tok, p.ptx_coef, log, reference_dir=sft_dir)
+        rm_summary = json.loads((rm / "summary.json").read_text())["rm"]
+        rounds.append({"round": k, "rankings": rm_summary["rankings"], "rm_gold_agreement": rm_summary.get("gold_agreement"),
+                       "steps": result["steps"], "selected": result["selected"]})
+        policy = folder
+    for name in ("model.safetensors", "value.safetensors"):
+        atomic_write_bytes(out / name, (policy / name).read_bytes())
+    return {**result, "rounds": p.rounds, "by_round": rounds, "rollouts": per_round.ppo.rollouts * p.rounds,
+            "steps": sum(r["steps"] for r in rounds)}
+
+
+# ---------------------------------------------------------------- evaluation
+
+def pretrain_val_loss(model, sampler, tokens: int) -> float:
+    return windows_loss(model, sampler.val_windows(0, tokens))[0]
+
+
+def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
+    """The rollouts' RM score and gold score through training (moving averages over `window` updates):
+    where gold peaked, and whether the RM score kept rising after it while gold fell (over-optimisation)."""
+    rows = [r for r in read_jsonl_loose(metrics_path) if r.get("event") == "train" and "gold_score" in r]
+    if len(rows) < 2 * window:
+        return {}
+
+    def smooth(key):
+        xs = [r[key] for r in rows]
+        return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1]) for i in range(len(xs))]
+
+    gold, rm = smooth("gold_score"), smooth("rm_score")
+    peak = max(range(len(gold)), key=gold.__getitem__)
+    out = {"gold_start": gold[window - 1], "gold_peak": gold[peak], "gold_peak_step": rows[peak]["step"],
+           "gold_end": gold[-1], "rm_start": rm[window - 1], "rm_at_gold_peak": rm[peak], "rm_end": rm[-1],
+           "kl_at_gold_peak": rows[peak].get("kl")}
+    # gold fell clearly below its peak while the RM score held or rose: the policy exploits the RM
+    out["detected"] = bool(gold[-1] < gold[peak] - 0.02 and rm[-1] >= rm[peak])
+    return out
+
+
+def versus(policies: list[str], prompts: Prompts, ours: list[dict], max_new_tokens: int, log=print) -> dict:
+    """The PPO policy's greedy answers judged against other policies' (InstructGPT's headline: a small PPO
+    model against a much larger SFT one). Each brings its own tokenizer."""
+    from ..evals.instruct import evaluate_instructions
+    out = {}
+    for folder in policies:
+        log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against {folder}")
+        model = load_model(folder, "auto")
+        figures, theirs = evaluate_instructions(model, Tokenizer.load(find_tokenizer(folder)), prompts.suite, max_new_tokens)
+        wins = win_rate(ours, theirs)
+        out[str(folder)] = {"params": model.num_params(), "win_rate": wins["win_rate"], "wins": wins,
+                            "accuracy": figures["accuracy"], "gold_score": figures["gold_score"],
+                            "mean_length": figures["mean_length"]}
+    return out
+
+
+def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
+    """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
+    t0 = time.time()
+    p = cfg.ppo
+    _, _, prompts = prompt_sets(cfg)
+    if p.versus and prompts.suite is None:
+        raise GptstackError("config 'ppo.versus' needs the gold labeler, so the world's prompts (ppo.prompts: world)")
+    if p.rounds > 1:
+        result = train_rounds(cfg, run_policy, rm_dir, out, tok, log)
+    else:
+        result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, log)
+    if not result:
+        return {}
+    no_ptx = None
+    if p.baselines and p.ptx_coef > 0:
+        log("[ppo] the same run without the ptx term, for the comparison")
+        no_ptx = out / "no_ptx"
+        train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, log)
+
+    sft, ppo = load_model(run_policy, "auto"), load_model(out, "auto")
+    rm = load_reward_model(rm_dir, "auto")
+    log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against SFT")
+    ours, samples = evaluate_policy(ppo, sft, rm, tok, prompts, p)
+    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
+    key = "gold_score" if prompts.suite is not None else "rm_score"
+    wins = win_rate(samples, base_samples, key)
+    sampler = build_sampler(cfg.data, tok, cfg.model.n_ctx, cfg.pretrain.seed)
+    tokens = cfg.pretrain.eval_tokens
+    loss_sft = pretrain_val_loss(sft, sampler, tokens)
+    result |= {"judge": "gold labeler" if prompts.suite is not None else "reward model",
+               "win_rate_vs_sft": wins["win_rate"], "wins": wins, **ours,
+               **{f"sft_{k}": v for k, v in base.items() if k != "n"},
+               "pretrain_val_loss_sft": loss_sft,
+               "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
+    result["params"] = ppo.num_params()
+    result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log) if p.versus else {}
+    if no_ptx is not None:
+        no_ptx_model = load_model(no_ptx, "auto")
+        result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(no_ptx_model, sampler, tokens) - loss_sft
+        nop, nop_samples = evaluate_policy(no_ptx_model, sft, rm, tok, prompts, p)
+        nop_wins = win_rate(nop_samples, base_samples, key)
+        result["no_ptx"] = {**{k: v for k, v in nop.items() if not isinstance(v, dict)},
+                            "win_rate_vs_sft": nop_wins["win_rate"], "wins": nop_wins}
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(
+        {**{k: s[k] for k in ("family", "system", "prompt", "messages") if k in s}, "sft": b["answer"], "ppo": s["answer"],
+         "sft_score": b[key], "ppo_score": s[key]}) + "\n" for s, b in zip(samples, base_samples)))
+    result["rollout_curves"] = overoptimisation(out / "metrics.jsonl" if p.rounds == 1 else out / f"round_{p.rounds}" / "metrics.jsonl")
+    result["seconds"] = time.time() - t0
+    summary = {"ppo": result}
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def run(ctx: Context) -> dict:
+    return run_ppo(ctx.cfg, ctx.folder("sft"), ctx.folder("rm"), ctx.folder("ppo"), ctx.tokenizer(), ctx.log)
+
+
+# ---------------------------------------------------------------- report
+
+def plot_ppo(run: Path) -> Path | None:
+    """Rollouts through PPO: RM score beside gold score (over-optimisation shows as the two parting), and KL."""
+    rows = [r for r in read_jsonl_loose(run / "ppo" / "metrics.jsonl") if r.get("event") == "train" and "rm_score" in r]
+    if not rows:
+        return None
+    fig, (a, b) = plots.subplots(1, 2, figsize=(10, 3.8))
+    steps = [r["step"] for r in rows]
+    a.plot(steps, [r["rm_score"] for r in rows], label="RM score (normalised)")
+    a.set_xlabel("update")
+    a.set_ylabel("RM score")
+    if "gold_score" in rows[0]:
+        g = a.twinx()
+        g.plot(steps, [r["gold_score"] for r in rows], color="C1", label="gold score")
+        g.set_ylabel("gold score", color="C1")
+    a.set_title("rollouts: RM score" + (" and gold score" if "gold_score" in rows[0] else ""))
+    a.grid(alpha=0.3)
+    a.legend(loc="upper left", fontsize=8)
+    b.plot(steps, [r["kl"] for r in rows], color="C2")
+    b.set_xlabel("update")
+    b.set_ylabel("KL to SFT per answer (nats)")
+    b.set_title("KL")
+    b.grid(alpha=0.3)
+    return plots.save(fig, run / "plots" / "ppo.png")
+
+
+def markdown(run: Path, report: dict) -> list[str]:
+    r = report["ppo"]
+    w = r["wins"]
+    gold = "accuracy" in r
+    sel = r.get("selected")
+    kept = f"; kept update {sel['step']} (best validation {sel['metric']})" if sel else ""
+    lines = ["## RLHF (PPO-ptx against the reward model, per-token KL to SFT)", "",
+             f"{r['rollouts']} rollouts, {r['steps']} updates{kept}. Held-out prompts, greedy answers; the "
+             f"{r.get('judge', 'gold labeler')} judges.", ""]
+    if r.get("by_round"):
+        lines += [f"{r['rounds']} rounds: before each round after the first, the current policy's answers were ranked "
+                  "and the RM retrained on all rankings so far.", "", "| round | rankings | RM gold agreement | updates |",
+                  "|---|---|---|---|"]
+        lines += [f"| {b['round']} | {b['rankings']} | {b['rm_gold_agreement'] or float('nan'):.3f} | {b['steps']} |"
+                  for b in r["by_round"]]
+        lines.append("")
+    lines.append(f"Win rate against SFT: **{r['win_rate_vs_sft']:.3f}** (ties count half).")
+    if gold:
+        lines[-1] += (f" Where correctness differs ({w['correctness_pairs']} prompts) PPO wins {w['win_rate_correctness']:.3f}; "
+                      f"where it is the same ({w['style_pairs']}, style: length, refusal style, over-refusal) "
+                      f"{w['win_rate_style']:.3f}.")
+    rows = [("accuracy", "accuracy"), ("gold score", "gold_score"), ("RM score", "rm_score"),
+            ("mean answer length (chars)", "mean_length"), ("refusal rate, disallowed", "refusal_rate_disallowed"),
+            ("refusal rate, allowed", "refusal_rate_allowed"), ("desired refusal style", "refusal_style_desired_rate")]
+    lines += ["", "| figure | SFT | PPO |", "|---|---|---|"]
+    lines += [f"| {name} | {r['sft_' + key]:.3f} | {r[key]:.3f} |" for name, key in rows if key in r]
+    lines += [f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
+              f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
+              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+    for folder, v in (r.get("versus") or {}).items():
+        w = v["wins"]
+        lines += [f"Against `{folder}` ({v['params'] / 1e6:.1f}M parameters, {v['params'] / r['params']:.1f}x PPO's "
+                  f"{r['params'] / 1e6:.1f}M): PPO's win rate **{v['win_rate']:.3f}** (correctness pairs "
+                  f"{w['win_rate_correctness']:.3f} of {w['correctness_pairs']}, style pairs {w['win_rate_style']:.3f} of "
+                  f"{w['style_pairs']}); its accuracy {v['accuracy']:.3f}, gold score {v['gold_score']:.3f}.", ""]
+    n = r.get("no_ptx")
+    if n:
+        acc = f", accuracy {n['accuracy']:.3f}, gold score {n['gold_score']:.3f}" if gold else f", RM score {n['rm_score']:.3f}"
+        lines += [f"The same run without the ptx term (γ = 0): win rate {n['win_rate_vs_sft']:.3f}{acc}, KL {n['kl']:.2f} "
+                  f"nats, pretraining val loss {r['pretrain_val_loss_delta_no_ptx']:+.3f} (with ptx: "
+                  f"{r['pretrain_val_loss_delta']:+.3f}).", ""]
+    c = r.get("rollout_curves") or {}
+    if c:
+        verdict = ("**Over-optimisation:** after the gold score of rollouts peaked, the RM score kept rising while gold fell."
+                   if c["detected"] else "No over-optimisation seen: gold did not fall while the RM score rose.")
+        lines += [f"Rollouts (moving average of 5 updates): gold score {c['gold_start']:.3f} at the start, peak "
+                  f"{c['gold_peak']:.3f} at update {c['gold_peak_step']} (KL {c['kl_at_gold_peak']:.2f} nats), "
+                  f"{c['gold_end']:.3f} at the end; RM score {c['rm_start']:.3f} -> {c['rm_at_gold_peak']:.3f} -> "
+                  f"{c['rm_end']:.3f}. {verdict}", ""]
+    if plot_ppo(run):
+        lines += ["![PPO curves](plots/ppo.png)", ""]
+    samples = read_jsonl_loose(run / "ppo" / "samples.jsonl")
+    changed = [s for s in samples if s["sft"] != s["ppo"]][:6]
+    if changed:
+        lines += ["### Before and after (greedy)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+        for s in changed:
+            cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:90]  # noqa: E731
+            prompt = s.get("prompt") or s["messages"][-1]["content"]
+            lines.append(f"| {cell(prompt)} | {cell(s['sft'])} ({s['sft_score']:.2f}) | {cell(s['ppo'])} ({s['ppo_score']:.2f}) |")
+        lines.append("")
+    return lines
+
+
+STAGE = Stage("ppo", run, "PPO-ptx against the reward model with a per-token KL to SFT, rule-based rewards",
+              config=PPOConfig, depends=("sft", "rm"), report=markdown, default=False)

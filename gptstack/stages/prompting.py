@@ -1,0 +1,51 @@
+"""The prompting stage (GPT-2 zero-shot, GPT-3 few-shot): the pretrained model with K solved examples in its
+context and no gradient step, swept over K, on built-in tasks or task YAML files."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..checkpoint import load_model
+from ..evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
+from ..io import atomic_write_json
+from .base import Context, Stage
+
+
+@dataclass
+class PromptingConfig:
+    tasks: list[str] = field(default_factory=lambda: ["cloze", "continuation", "arithmetic", "docstring_name"])
+    shots: list[int] = field(default_factory=lambda: [0, 1, 4, 8])
+    limit: int = 0  # queries per task (0: all)
+    seed: int = 0  # which few-shot examples each query gets
+
+
+def run(ctx: Context) -> dict:
+    p = ctx.cfg.prompting
+    tasks = resolve_tasks(p.tasks, ctx.folder("prompting") / "tasks", p.seed)
+    model = load_model(ctx.folder("pretrain"), "auto")
+    results = sweep(model, ctx.tokenizer(), tasks, p.shots, p.limit, p.seed, ctx.log)
+    plot_shots({"pretrain": results}, ctx.run / "plots" / "shots.png", CHANCE)
+    summary = {"prompting": results}
+    atomic_write_json(ctx.folder("prompting") / "summary.json", summary)
+    return summary
+
+
+def markdown(run: Path, r: dict) -> list[str]:
+    lines = ["## Prompting (GPT-2 zero-shot, GPT-3 few-shot)", "",
+             "Accuracy of the pretrained model with K solved examples in its context, no gradient step. "
+             "*fit*: the mean number of examples that fit the context window.", ""]
+    for task, by_k in r["prompting"].items():
+        ks = list(by_k)
+        lines += [f"**{task}** (n = {by_k[ks[0]]['n']})", "", "| K | " + " | ".join(k.split("_")[1] for k in ks) + " |",
+                  "|---|" + "---|" * len(ks),
+                  "| acc | " + " | ".join(f"{by_k[k]['acc']:.3f}" for k in ks) + " |"]
+        if "acc_norm" in by_k[ks[0]]:
+            lines.append("| acc_norm | " + " | ".join(f"{by_k[k]['acc_norm']:.3f}" for k in ks) + " |")
+        lines += ["| fit | " + " | ".join(f"{by_k[k]['shots_fit']:.1f}" for k in ks) + " |", ""]
+    if (run / "plots" / "shots.png").is_file():
+        lines += ["![accuracy against K](plots/shots.png)", ""]
+    return lines
+
+
+STAGE = Stage("prompting", run, "zero-, one- and few-shot accuracy of the pretrained model (a K sweep)",
+              config=PromptingConfig, report=markdown, all_ranks=False)
