@@ -115,12 +115,11 @@ def cmd_predict(args):
 def cmd_sample(args):
     from .checkpoint import find_tokenizer, load_model
     from .generate import generate
-    from .tokenizer import Tokenizer
+    from .tokenizer import Tokenizer, chat_messages
     model = load_model(args.model, "auto")
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
     if args.chat:  # the prompt is a user turn; the model writes the assistant's
-        system = [{"role": "system", "content": args.system}] if args.system else []
-        prompt = tok.render_chat(system + [{"role": "user", "content": args.prompt}], for_generation=True)[0]
+        prompt = tok.render_chat(chat_messages(args.prompt, args.system), for_generation=True)[0]
         stops, shown = (tok.special["<|end|>"], tok.eot), ""
     else:
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]

@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 from ..generate import respond
-from ..tokenizer import Tokenizer, chat_messages
+from ..tokenizer import Tokenizer
 from ..world.instructions import Prompt, gold_score
 
 
 def conversations(prompts: list[Prompt]) -> list[list[dict]]:
     """The turns each suite prompt opens: its system message, if any, and the user's request."""
-    return [chat_messages(p.user, p.system) for p in prompts]
+    return [p.messages() for p in prompts]
 
 
 def score_answers(prompts: list[Prompt], answers: list[str], scores: list) -> dict:

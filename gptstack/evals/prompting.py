@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 
 from .. import plots
 from ..config import from_dict
+from ..data.loader import right_pad
 from ..errors import GptstackError, where
 from ..generate import generate
 from ..io import iter_jsonl
+from ..model import token_logprobs
 from ..tokenizer import Tokenizer
 
 
@@ -125,16 +126,12 @@ def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch_size
                 raise GptstackError(f"a continuation of {len(cont)} tokens does not fit the context of {n_ctx}")
             seq = (ctx + cont)[-(n_ctx + 1):]
             rows.append((seq, len(cont)))
-        T = max(len(s) for s, _ in rows) - 1
-        inp = torch.zeros(len(rows), T, dtype=torch.long, device=device)
-        for r, (seq, _) in enumerate(rows):
-            inp[r, :len(seq) - 1] = torch.tensor(seq[:-1], device=device)
-        logp = F.log_softmax(model(inp)[0].float(), dim=-1)
+        logits = model(right_pad([seq[:-1] for seq, _ in rows], 0).to(device))[0]
         for r, (i, (seq, n)) in enumerate(zip(idx, rows)):
             L = len(seq) - 1
-            lp = logp[r, L - n:L]
             cont = torch.tensor(seq[-n:], device=device)
-            out[i] = (lp.gather(1, cont[:, None]).sum().item(), bool((lp.argmax(-1) == cont).all()))
+            lp = token_logprobs(logits[r, L - n:L], cont)
+            out[i] = (lp.sum().item(), bool((logits[r, L - n:L].argmax(-1) == cont).all()))
     model.train(was)
     return out
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, read_weights
 from ..data.records import label_set, read_task_records
-from ..data.loader import epoch_indices
+from ..data.loader import epoch_indices, right_pad
 from ..errors import GptstackError
 from ..io import atomic_write_json
 from ..model import GPT, Head
@@ -158,18 +158,12 @@ class TaskData:
     def batch(self, indices) -> dict:
         ex = [self.examples[i] for i in indices]
         C = max(len(s) for s, _, _ in ex)
-        T = max(len(q) for s, _, _ in ex for q in s)
-        ids = torch.full((len(ex), C, T), self.pad, dtype=torch.long)
-        extract = torch.zeros(len(ex), C, dtype=torch.long)
-        choice_mask = torch.zeros(len(ex), C, dtype=torch.bool)
-        lm_target = torch.full((len(ex), T), -100, dtype=torch.long)
-        for i, (seqs, lm_row, _) in enumerate(ex):
-            for c, q in enumerate(seqs):
-                ids[i, c, :len(q)] = torch.tensor(q)
-                extract[i, c] = len(q) - 1
-                choice_mask[i, c] = True
-            q = seqs[lm_row]
-            lm_target[i, :len(q) - 2] = torch.tensor(q[1:-1])  # predict each text token; not start/extract
+        slots = [seqs[c] if c < len(seqs) else [] for seqs, _, _ in ex for c in range(C)]  # fewer choices: empty slots
+        ids = right_pad(slots, self.pad).view(len(ex), C, -1)
+        extract = torch.tensor([max(len(q) - 1, 0) for q in slots]).view(len(ex), C)
+        choice_mask = torch.tensor([len(q) > 0 for q in slots]).view(len(ex), C)
+        # the LM loss predicts each text token of its row; not start/extract
+        lm_target = right_pad([seqs[lm_row][1:-1] for seqs, lm_row, _ in ex], -100, ids.size(-1))
         return {"ids": ids, "extract": extract, "choice_mask": choice_mask, "lm_row": torch.tensor([e[1] for e in ex]),
                 "lm_target": lm_target, "label": torch.tensor([e[2] for e in ex])}
 

@@ -228,12 +228,6 @@ def _cot_steps(op: str, a: int, b: int) -> tuple[str, ...]:
     return (f"{a} {sign} {tens} = {f(a, tens)}", f"{f(a, tens)} {sign} {ones} = {f(a, b)}")
 
 
-    def messages(self) -> list[dict]:
-        """The chat messages (system if any, then user) in the SFT record format."""
-        sys_msg = [{"role": "system", "content": self.system}] if self.system else []
-        return sys_msg + [{"role": "user", "content": self.user}]
-
-
 class InstructionSuite:
     """Deterministic from `seed`: the stdlib fact pools (n_docs docstrings, n_names names) and all draws."""
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..tokenizer import chat_messages
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -29,3 +31,7 @@ class Prompt:
 
     def slot(self, name: str) -> str:
         return dict(self.slots)[name]
+
+    def messages(self) -> list[dict]:
+        """The chat messages (system if any, then user) in the SFT record format."""
+        return chat_messages(self.user, self.system)
