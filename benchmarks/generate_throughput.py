@@ -18,7 +18,8 @@ import time
 
 import torch
 
-from gptstack.config import ModelConfig, resolve
+from gptstack.model import ModelConfig
+from gptstack.stages import RunConfig
 from gptstack.generate import generate
 from gptstack.model import GPT
 from gptstack.perf import device_name
@@ -66,7 +67,7 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
 
-    cfg: ModelConfig = resolve(args.preset).model
+    cfg: ModelConfig = RunConfig.resolve(args.preset).model
     cfg.dropout, cfg.norm_position, cfg.bias = 0.0, "pre", True  # GPT-2's block, as transformers builds it
     torch.manual_seed(0)
     ours = GPT(cfg).to(device).eval()

@@ -3,7 +3,7 @@
     python benchmarks/precision_loss.py                   # tiny preset, stdlib corpus, 150 steps, fp32 vs bf16
     python benchmarks/precision_loss.py --steps 300 --precisions fp32,bf16,fp32-tf32
 
-Each precision is one pretraining run through gptstack's own stage code (train.lm.run_pretrain:
+Each precision is one pretraining run through gptstack's own stage code (stages.pretrain.run_pretrain:
 the Trainer, data pipeline and schedule users get), with the same tokenizer, seed and batches,
 logging the training loss at every step. The first precision is the baseline. Per-step losses
 are noisy (each step sees a new batch), so the curves are compared after a trailing moving
@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-from gptstack.config import resolve
-from gptstack.pipeline import train_tokenizer
+from gptstack.stages import RunConfig
+from gptstack.stages.pretrain import run_pretrain
+from gptstack.stages.tokenizer import train_tokenizer
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.lm import run_pretrain
 
 
 def train_losses(stage: Path) -> list[float]:
@@ -53,12 +53,12 @@ def main():
     settings = [f"pretrain.steps={args.steps}", "pretrain.log_every=1", f"pretrain.ckpt_every={args.steps}",
                 "pretrain.eval_every=0", *args.overrides]
     if not (out / "tokenizer.json").is_file():
-        train_tokenizer(resolve(args.preset, overrides=settings), out)
+        train_tokenizer(RunConfig.resolve(args.preset, overrides=settings), out)
     tok = Tokenizer.load(out / "tokenizer.json")
     curves, summaries = {}, {}
     for p in precisions:
         stage = out / p  # a finished run there is reused, an interrupted one resumed (the Trainer's checkpoints)
-        run_pretrain(resolve(args.preset, overrides=[*settings, f"pretrain.precision={p}"]), stage, tok)
+        run_pretrain(RunConfig.resolve(args.preset, overrides=[*settings, f"pretrain.precision={p}"]), stage, tok)
         curves[p] = train_losses(stage)
         summaries[p] = json.loads((stage / "summary.json").read_text())["pretrain"]
 

@@ -29,7 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gptstack.config import ModelConfig, resolve
+from gptstack.model import ModelConfig
+from gptstack.stages import RunConfig
 from gptstack.model import GPT
 from gptstack.perf import device_name, matmul_dtype, measure_matmul_flops
 from gptstack.train.trainer import PRECISIONS, autocast, resolve_precision, use_matmul_precision
@@ -164,7 +165,7 @@ def main():
 
     device = torch.device(args.device)
     if args.preset:
-        run = resolve(args.preset)
+        run = RunConfig.resolve(args.preset)
         cfg = run.model
         args.batch = args.batch or run.pretrain.micro_batch_size or run.pretrain.batch_size
     else:  # the shape of the `mini` preset (nanoGPT's baby GPT)
