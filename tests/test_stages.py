@@ -209,3 +209,16 @@ def test_sft_rm_and_ppo_on_your_own_files_import_no_world_module(tmp_path, corpu
     assert "gold_score" not in r and "accuracy" not in r  # no gold labeler without the world
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_rm_score" in x for x in rows) and not any("gold_score" in x for x in rows)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"text": "hi"}, "p.jsonl:1: field 'prompt' missing"),
+    ({"prompt": 3}, "p.jsonl:1: field 'prompt' must be a string"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "must end with a user turn"),
+    ({"messages": [{"role": "robot", "content": "a"}]}, r"field 'messages\[0\].role' must be system, user or assistant"),
+])
+def test_a_bad_prompt_record_names_file_line_and_field(tmp_path, record, message):
+    from gptstack.data.records import read_prompt_records
+    (tmp_path / "p.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(GptstackError, match=message):
+        read_prompt_records(tmp_path / "p.jsonl")
