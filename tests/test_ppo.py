@@ -228,3 +228,19 @@ def test_win_rate_counts_ties_half_and_splits_correctness_from_style():
     assert (w["correctness_pairs"], w["win_rate_correctness"]) == (2, 0.5)  # pairs 1 and 4
     assert (w["style_pairs"], w["win_rate_style"]) == (2, 0.25)  # a tie and a loss
     assert w["excess_from_correctness"] + w["excess_from_style"] == w["win_rate"] - 0.5
+
+
+def test_the_actor_critic_owns_the_frozen_models_but_saves_and_trains_only_its_own(setup):
+    tok, prompts, policy, reference, rm, value = setup
+    ac = ActorCritic(GPT(policy.cfg), RewardModel(GPT(policy.cfg)), GPT(policy.cfg), RewardModel(GPT(policy.cfg)))
+    state = ac.state_dict()
+    assert {k.split(".")[0] for k in state} == {"policy", "value"}  # checkpoints hold what trains
+    trained = {n.split(".")[0] for n, p in ac.named_parameters() if p.requires_grad}
+    assert trained == {"policy", "value"}  # the Trainer's optimizer takes requires_grad parameters only
+    ac.train()
+    assert ac.policy.training and not ac.reference.training and not ac.reward_model.training
+    ac.to(torch.float64)  # moving the module moves all four
+    assert {p.dtype for p in ac.parameters()} == {torch.float64}
+    fresh = ActorCritic(GPT(policy.cfg), RewardModel(GPT(policy.cfg)), GPT(policy.cfg), RewardModel(GPT(policy.cfg)))
+    fresh.to(torch.float64).load_state_dict(state, strict=True)  # the frozen models are not missing keys
+    assert torch.equal(fresh.policy.wte.weight, ac.policy.wte.weight)
