@@ -209,6 +209,10 @@ def test_sft_rm_and_ppo_on_your_own_files_import_no_world_module(tmp_path, corpu
     assert "gold_score" not in r and "accuracy" not in r  # no gold labeler without the world
     rows = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_rm_score" in x for x in rows) and not any("gold_score" in x for x in rows)
+    from gptstack.stages.ppo import markdown
+    text = "\n".join(markdown(tmp_path, {"ppo": r}))  # the report section without the gold labeler's figures
+    assert "the reward model judges" in text and "| RM score |" in text and "accuracy" not in text
+    assert (tmp_path / "plots" / "ppo.png").is_file()
 
 
 @pytest.mark.parametrize("record, message", [
