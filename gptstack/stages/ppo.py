@@ -431,11 +431,11 @@ def markdown(run: Path, report: dict) -> list[str]:
         lines[-1] += (f" Where correctness differs ({w['correctness_pairs']} prompts) PPO wins {w['win_rate_correctness']:.3f}; "
                       f"where it is the same ({w['style_pairs']}, style: length, refusal style, over-refusal) "
                       f"{w['win_rate_style']:.3f}.")
-    rows = [("accuracy", "accuracy"), ("gold score", "gold_score"), ("RM score", "rm_score"),
-            ("mean answer length (chars)", "mean_length"), ("refusal rate, disallowed", "refusal_rate_disallowed"),
-            ("refusal rate, allowed", "refusal_rate_allowed"), ("desired refusal style", "refusal_style_desired_rate")]
+    rows = [("accuracy", "accuracy", ".3f"), ("gold score", "gold_score", ".3f"), ("RM score", "rm_score", ".3f"),
+            ("mean answer length (chars)", "mean_length", ".1f"), ("refusal rate, disallowed", "refusal_rate_disallowed", ".3f"),
+            ("refusal rate, allowed", "refusal_rate_allowed", ".3f"), ("desired refusal style", "refusal_style_desired_rate", ".3f")]
     lines += ["", "| figure | SFT | PPO |", "|---|---|---|"]
-    lines += [f"| {name} | {r['sft_' + key]:.3f} | {r[key]:.3f} |" for name, key in rows if key in r]
+    lines += [f"| {name} | {r['sft_' + key]:{fmt}} | {r[key]:{fmt}} |" for name, key, fmt in rows if key in r]
     lines += [f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
               f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
               f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
@@ -464,11 +464,14 @@ def markdown(run: Path, report: dict) -> list[str]:
     samples = read_jsonl_loose(run / "ppo" / "samples.jsonl")
     changed = [s for s in samples if s["sft"] != s["ppo"]][:6]
     if changed:
-        lines += ["### Before and after (greedy)", "", "| prompt | SFT | PPO |", "|---|---|---|"]
+        family = "family" in changed[0]
+        lines += ["### Before and after (greedy)", "", "| " + "family | " * family + "prompt | SFT | PPO |",
+                  "|" + "---|" * (3 + family)]
         for s in changed:
             cell = lambda t: t.replace("|", "\\|").replace("\n", " ")[:90]  # noqa: E731
             prompt = s.get("prompt") or s["messages"][-1]["content"]
-            lines.append(f"| {cell(prompt)} | {cell(s['sft'])} ({s['sft_score']:.2f}) | {cell(s['ppo'])} ({s['ppo_score']:.2f}) |")
+            lines.append("| " + f"{s['family']} | " * family + f"{cell(prompt)} | {cell(s['sft'])} ({s['sft_score']:.2f}) | "
+                         f"{cell(s['ppo'])} ({s['ppo_score']:.2f}) |")
         lines.append("")
     return lines
 
