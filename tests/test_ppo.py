@@ -1,6 +1,8 @@
 """PPO: GAE and whitening by hand, the KL term at π = π_ref, the loss with γ = 0 is plain PPO, and a
 PPO update moves the policy toward the tokens with positive advantage."""
+import copy
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_kl_rewards_put_the_score_on_the_last_token():
 # ---------------------------------------------------------------- the objective on tiny models
 
 @pytest.fixture(scope="module")
-def setup():
+def made():
     suite = InstructionSuite(seed=0)
     prompts = suite.prompts("train", 16, seed=3)
     text = " ".join(p.user + " " + p.answer for p in suite.prompts("train", 300, seed=4))
@@ -76,6 +78,13 @@ def setup():
     value = RewardModel(GPT(cfg))
     value.load_state_dict(rm.state_dict())
     return tok, prompts, policy, reference, rm, value
+
+
+@pytest.fixture
+def setup(made):
+    """Fresh copies of the models for every test: a test that moves weights cannot change another's result."""
+    tok, prompts, *models = made
+    return (tok, prompts, *copy.deepcopy(models))
 
 
 def objective(setup, **kw):
@@ -244,3 +253,31 @@ def test_the_actor_critic_owns_the_frozen_models_but_saves_and_trains_only_its_o
     fresh = ActorCritic(GPT(policy.cfg), RewardModel(GPT(policy.cfg)), GPT(policy.cfg), RewardModel(GPT(policy.cfg)))
     fresh.to(torch.float64).load_state_dict(state, strict=True)  # the frozen models are not missing keys
     assert torch.equal(fresh.policy.wte.weight, ac.policy.wte.weight)
+
+
+def _toy_run(setup, tmp_path, beta: float) -> list[dict]:
+    """PPO through the one Trainer on a toy reward given as the objective's extra rewards (the RM scores 0):
+    the share of an answer's characters that are digits. Returns the per-update metrics."""
+    from gptstack.train.trainer import TrainConfig, Trainer
+    tok, prompts, policy, reference, rm, value = copy.deepcopy(setup)
+    with torch.no_grad():
+        rm.head.proj.weight.zero_()
+        rm.head.proj.bias.zero_()
+    cfg = dataclasses.replace(PPOConfig(), rollout_batch=64, minibatches=2, ppo_epochs=4, max_new_tokens=4, rollouts=12,
+                              kl_coef=beta, no_end_penalty=0.0, rbrm_coef=1.0, seed=1)
+    obj = PPOObjective(cfg, ActorCritic(policy, value, reference, rm), tok, [chat_messages(p.user, p.system) for p in prompts],
+                       extra_rewards=lambda which, texts: [sum(c.isdigit() for c in t) / max(len(t), 1) for t in texts])
+    train = TrainConfig(steps=12 * 8, batch_size=32, lr=1e-2, schedule="constant", warmup_steps=1, weight_decay=0.0,
+                        log_every=1, ckpt_every=1000, eval_every=0)
+    Trainer(train, obj.model, obj, tmp_path / f"beta{beta}").fit()
+    rows = [json.loads(x) for x in (tmp_path / f"beta{beta}" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r.get("event") == "train"][::8]  # the first update of each rollout: its stats
+
+
+def test_ppo_raises_a_reward_the_policy_can_learn_and_the_kl_penalty_binds(setup, tmp_path):
+    free = _toy_run(setup, tmp_path, beta=0.05)
+    reward = [r["rule_reward"] for r in free]
+    assert len(reward) == 12
+    assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.2, " ".join(f"{x:.3f}" for x in reward)  # 0.04 -> ~0.5
+    held = _toy_run(setup, tmp_path, beta=0.5)
+    assert max(r["kl"] for r in held) < max(r["kl"] for r in free) / 3  # a larger β keeps the policy near the reference
