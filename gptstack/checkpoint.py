@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -14,7 +15,19 @@ from .io import atomic_write_bytes
 
 def save_state_dict(state: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write_bytes(Path(path), st_save(state, metadata=metadata or {}))
+    atomic_write_bytes(Path(path), canonical(st_save(state, metadata=metadata or {})))
+
+
+def canonical(blob: bytes) -> bytes:
+    """The same safetensors file with its metadata keys sorted: safetensors writes them in hash-map order, which
+    changes from process to process, so the same weights would otherwise give different bytes."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text + blob[8 + n:]
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,17 +68,21 @@ def read_json(path: Path):
 
 
 def read_text(path: Path) -> str:
-    """A file's text, with a clear error if it is not UTF-8."""
+    """A file's text, with a clear error if it is not UTF-8; a leading byte-order mark (what Windows tools
+    write) is dropped, and CRLF line ends split like LF."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise GptstackError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[: e.start].count(b"\n") + 1
         raise GptstackError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})") from None
+
+
+LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -90,6 +95,13 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise GptstackError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise GptstackError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if LONE_SURROGATE.search(line):  # only a \uD800-\uDFFF escape can make one; valid UTF-8 cannot
+            try:
+                json.dumps(rec, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise GptstackError(f"{path}:{lineno}: an unpaired surrogate ({e.object[e.start:e.end]!a}) is not text") from None
         if not isinstance(rec, dict):
             raise GptstackError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         yield lineno, rec

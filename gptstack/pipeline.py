@@ -83,15 +83,20 @@ def _check_config(cfg: RunConfig, run: Path) -> None:
         if diffs:
             raise GptstackError(f"{path}: the {stage.name} stage was made with another config ({'; '.join(diffs[:4])}); "
                                 f"use a new --out, the same settings, or delete {run / stage.name} to redo that stage")
+        longer = [d for sec in stage.sections for d in _diff(old.get(sec), new.get(sec), f"{sec}.", RESUMABLE_KEYS - {"steps"})]
+        if longer and finished(run, stage.name):  # a finished stage would otherwise skip, training nothing
+            raise GptstackError(f"{path}: the {stage.name} stage finished with other settings ({'; '.join(longer[:4])}); to "
+                                f"train on from its last checkpoint, delete {run / stage.name / 'summary.json'} (the "
+                                "schedule then stretches from there), or use a new --out")
 
 
-def _diff(a, b, prefix="") -> list[str]:
+def _diff(a, b, prefix="", resumable=RESUMABLE_KEYS) -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for k in sorted(set(a) | set(b)):
-            if k in RESUMABLE_KEYS and set(a) == TRAIN_KEYS:  # a training section's settings that a resume may change
+            if k in resumable and set(a) == TRAIN_KEYS:  # a training section's settings that a resume may change
                 continue
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.", resumable)
         return out
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 

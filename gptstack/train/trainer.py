@@ -303,7 +303,9 @@ class Trainer:
         start, state = self._resume(optimizer)
         if start == 0:
             torch.manual_seed(cfg.seed + self.rank)
-        if start >= cfg.steps:
+        if start >= cfg.steps:  # finished; publishing is part of finishing, so a kill before it is repaired here
+            if self.is_main:
+                self._publish(self._checkpoints()[-1])
             return state.get("summary", {})
         model = torch.compile(self.parallel) if cfg.compile else self.parallel
 
