@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_instruct import add_flags, add_instruction_verbs, add_settings_args, settings
+from .cli_instruct import add_flags, add_instruction_verbs, add_sampling_args, add_settings_args, number, settings
 from .errors import GptstackError
 
 EPILOG = """config: --preset NAME, then --config FILE.yaml (repeatable), then key=value overrides,
@@ -124,6 +124,8 @@ def cmd_sample(args):
     else:
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
         stops, shown = (tok.eot,), args.prompt
+    if len(prompt) >= model.cfg.n_ctx:
+        raise GptstackError(f"--prompt is {len(prompt)} tokens; the model's context holds {model.cfg.n_ctx}, answer included")
     gens = generate(model, [prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                     stop_ids=stops, pad_id=tok.pad, seed=args.seed, stop_strings=tuple(args.stop), decode=tok.decode)
     for i, g in enumerate(gens):
@@ -294,12 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="RUN/STAGE folder (or a model.safetensors)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
     p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p, temperature=0.8, top_p=1.0, top_k=50)
+    p.add_argument("--num-samples", type=number(int, 1), default=1)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when the sample contains TEXT (repeatable)")
     p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the chat template (for SFT/RLHF models)")
     p.add_argument("--system", help="with --chat: a system message")
@@ -368,7 +366,7 @@ def main(argv=None) -> int:
         args.func(args)
     except Interrupted as e:
         print(f"gptstack: {e}", file=sys.stderr)
-        return 130
+        return e.exit_code
     except GptstackError as e:
         print(f"gptstack: error: {e}", file=sys.stderr)
         return 2

@@ -79,6 +79,33 @@ def settings(args):
     return RunConfig.resolve(args.preset, args.config, flags + list(args.overrides))
 
 
+def number(kind, low=None, high=None, low_open=False):
+    """An argparse type: `kind` (int or float) within [low, high] (low excluded with low_open), else a usage error."""
+    import argparse
+    import math
+
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        if math.isnan(x) or (low is not None and (x <= low if low_open else x < low)) or (high is not None and x > high):
+            side = f"{'>' if low_open else '>='} {low}" if high is None else f"in {'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {side}, got {text}")
+        return x
+    return parse
+
+
+def add_sampling_args(p, temperature: float, top_p: float, top_k: int | None = None) -> None:
+    """The decoding settings of `sample` and `chat`, each checked on the command line."""
+    p.add_argument("--max-new-tokens", type=number(int, 1), default=200)
+    p.add_argument("--temperature", type=number(float, 0), default=temperature, help="0 for greedy")
+    if top_k is not None:
+        p.add_argument("--top-k", type=number(int, 0), default=top_k, help="sample from the k likeliest tokens (0: no limit)")
+    p.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=top_p, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None)
+
+
 def _readline() -> None:
     try:
         importlib.import_module("readline")  # line editing and history for input()
@@ -216,8 +243,5 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--model", required=True, help="RUN/STAGE folder, e.g. runs/demo/sft")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
     p.add_argument("--system", help="system message that sets the assistant's behaviour")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
+    add_sampling_args(p, temperature=0.7, top_p=0.9)
     p.set_defaults(func=cmd_chat)

@@ -5,6 +5,7 @@ process leaves either the old file or the new one, never half of one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -123,3 +124,33 @@ def read_jsonl_loose(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     return out
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path):
+    """An exclusive lock on `folder` (its `.lock` file) for the life of the block: a second process that wants to
+    write there fails at once, naming the holder's pid. The lock is the OS's (flock), so it dies with its process:
+    a stale `.lock` left by a killed run is simply taken over."""
+    import fcntl
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+", encoding="utf-8")
+    except OSError as e:
+        raise GptstackError(f"{folder}: cannot write here ({e.strerror})") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise GptstackError(f"{folder}: in use by process {holder}, which is writing there; wait for it to end, "
+                            "or use another output folder") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock

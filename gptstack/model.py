@@ -36,6 +36,11 @@ class ModelConfig:
     init_std: float = 0.02
 
     def problems(self):
+        for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
+            if getattr(self, name) < 1:
+                yield name, f"must be at least 1, got {getattr(self, name)}"
+        if not 0 <= self.dropout < 1:
+            yield "dropout", f"must be in [0, 1), got {self.dropout}"
         if self.n_embd % self.n_head:
             yield "n_embd", f"({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
 

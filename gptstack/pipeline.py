@@ -6,12 +6,14 @@ rank runs the pipeline; rank 0 writes the run folder, and a stage without a Trai
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 from pathlib import Path
 
 from .data.sources import source_files
 from .errors import GptstackError
+from .io import folder_lock
 from .report import write_report
 from .stages import STAGES, Context, RunConfig
 from .stages.base import finished, run_stage
@@ -43,29 +45,29 @@ def run_pipeline(cfg: RunConfig, run: Path, stages: list[str] | None = None, log
     ctx = Context(run, cfg, log if rank == 0 else _quiet, rank)
     created = not run.exists()
     _check_config(cfg, run)
+    held = False
     try:
-        if rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
-            cfg.save(run / "config.yaml")
-        # rank 0 writes the summaries, so its view of what is finished is the one every rank follows
-        done = broadcast_from_main([s.name for s in STAGES if finished(run, s.name)])
-        for stage in STAGES:
-            if stage.name not in stages:
-                continue
-            barrier()  # ranks start a stage together: while rank 0 runs one alone, the others wait here
-            if stage.name in done:
-                ctx.log(f"[{stage.name}] finished already, skipping ({run / stage.name / 'summary.json'})")
-                continue
-            ctx.log(f"[{stage.name}] running")
-            if stage.all_ranks or rank == 0:
-                run_stage(stage, ctx)
+        with folder_lock(run) if rank == 0 else contextlib.nullcontext():  # a second process on this folder stops here
+            held = True
+            if rank == 0:
+                cfg.save(run / "config.yaml")
+            # rank 0 writes the summaries, so its view of what is finished is the one every rank follows
+            done = broadcast_from_main([s.name for s in STAGES if finished(run, s.name)])
+            for stage in STAGES:
+                if stage.name not in stages:
+                    continue
+                barrier()  # ranks start a stage together: while rank 0 runs one alone, the others wait here
+                if stage.name in done:
+                    ctx.log(f"[{stage.name}] finished already, skipping ({run / stage.name / 'summary.json'})")
+                    continue
+                ctx.log(f"[{stage.name}] running")
+                if stage.all_ranks or rank == 0:
+                    run_stage(stage, ctx)
+            return write_report(run) if rank == 0 else {}
     except GptstackError:
-        if created and rank == 0 and not any(finished(run, s.name) for s in STAGES):
+        if held and created and rank == 0 and not any(finished(run, s.name) for s in STAGES):
             shutil.rmtree(run, ignore_errors=True)  # never leave a half-written run folder behind
         raise
-    if rank != 0:
-        return {}
-    return write_report(run)
 
 
 def _check_config(cfg: RunConfig, run: Path) -> None:

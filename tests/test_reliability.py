@@ -93,3 +93,59 @@ def test_hostile_records_get_a_file_line_error(tmp_path, line, message):
     (tmp_path / "bad.jsonl").write_text(line + "\n")
     with pytest.raises(GptstackError, match=message):
         list(iter_jsonl(tmp_path / "bad.jsonl"))
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from gptstack.io import folder_lock
+with folder_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_process_on_a_run_folder_stops_at_once_and_a_stale_lock_is_taken_over(corpus, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer", *TINY, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert f"in use by process {holder.pid}" in proc.stderr
+        assert not (run / "tokenizer.json").exists() and run.exists()  # nothing written, the holder's folder kept
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / ".lock").read_text().strip() == str(holder.pid)  # the dead holder's lock file is still there
+    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer", *TINY, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--temperature", "-1"], "--temperature: must be >= 0"),
+    (["--top-p", "2"], "--top-p: must be in (0, 1]"),
+    (["--top-k", "-1"], "--top-k: must be >= 0"),
+    (["--max-new-tokens", "-3"], "--max-new-tokens: must be >= 1"),
+    (["--num-samples", "0"], "--num-samples: must be >= 1"),
+    (["--prompt", "x " * 400], "the model's context holds 64"),
+])
+def test_bad_sampling_arguments_are_one_line(random_model_dir, args, needle):
+    proc = run_cli("sample", "--model", random_model_dir, "--max-new-tokens", "4", *args, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("pretrain.steps=-5", "'pretrain.steps' must be >= 0"), ("pretrain.steps=0", "'pretrain.steps' must be at least 1"),
+    ("pretrain.lr=nan", "'pretrain.lr' must be a positive number"), ("pretrain.lr=-1", "'pretrain.lr' must be a positive"),
+    ("pretrain.batch_size=0", "'pretrain.batch_size' must be at least 1"), ("sft.train.lr=0", "'sft.train.lr' must be"),
+    ("model.dropout=1.5", "'model.dropout' must be in [0, 1)"),
+])
+def test_numeric_settings_out_of_range_are_refused_before_any_folder(tmp_path, override, needle):
+    from gptstack.cli import main
+    assert main(["pipeline", "--out", str(tmp_path / "run"), override]) == 2
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(GptstackError, match=__import__("re").escape(needle)):
+        from gptstack.stages import RunConfig
+        RunConfig.resolve("tiny", overrides=[override])

@@ -121,6 +121,8 @@ class RunConfig:
     def check(self) -> None:
         """Checks that span sections (each section checks its own fields as it is built)."""
         p = getattr(self, "pretrain", None)
+        if p is not None and p.steps < 1:
+            raise GptstackError(f"config 'pretrain.steps' must be at least 1, got {p.steps}")
         if p is not None and p.seq_len > self.model.n_ctx:
             raise GptstackError(f"config 'pretrain.seq_len' ({p.seq_len}) exceeds model.n_ctx ({self.model.n_ctx})")
 

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from ..checkpoint import path_sha256, save_state_dict
 from ..config import to_dict
 from ..errors import GptstackError
-from ..io import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_json, read_jsonl_loose
+from ..io import (append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, folder_lock, read_json,
+                  read_jsonl_loose)
 from ..perf import peak_flops
 from .distributed import (any_rank, barrier, clip_grad_norm, data_parallel, dist_env, gather_objects, gradient_sync,
                           init_distributed, load_sharded_optimizer, load_whole_state, save_sharded_optimizer,
@@ -44,7 +45,12 @@ RESUMABLE_KEYS = {"steps", "log_every", "eval_every", "eval_tokens", "ckpt_every
 
 
 class Interrupted(GptstackError):
-    """SIGINT/SIGTERM: a checkpoint was saved; rerunning the command resumes."""
+    """SIGINT/SIGTERM: a checkpoint was saved; rerunning the command resumes. The process exits 128 + the signal's
+    number, as a shell expects of a process a signal stopped (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, signal_name: str | None):
+        super().__init__(message)
+        self.exit_code = 128 + (signal.Signals[signal_name].value if signal_name else signal.SIGINT.value)
 
 
 @dataclass
@@ -73,6 +79,24 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     select_by: str = ""  # an eval metric (higher is better) whose best eval gives the published model; "": the last
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (a whole model per rank) | fsdp (FSDP2: parameters, gradients, optimizer sharded)
+
+    def problems(self):
+        """Ranges, checked when the config is resolved (before any folder exists). steps 0: the stage decides."""
+        for name in ("steps", "micro_batch_size", "seq_len", "warmup_steps", "eval_every", "eval_tokens"):
+            if getattr(self, name) < 0:
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                yield name, f"must be at least 1, got {getattr(self, name)}"
+        for name in ("lr", "eps"):
+            if not 0 < getattr(self, name) < float("inf"):
+                yield name, f"must be a positive number, got {getattr(self, name)}"
+        for name in ("weight_decay", "grad_clip"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                yield name, f"must be >= 0, got {getattr(self, name)}"
+        for name in ("min_lr_ratio", "beta1", "beta2"):
+            if not 0 <= getattr(self, name) <= 1:
+                yield name, f"must be in [0, 1], got {getattr(self, name)}"
 
 
 # ---------------------------------------------------------------- environment
@@ -297,6 +321,12 @@ class Trainer:
     # ------------------------------------------------------------ fit
 
     def fit(self) -> dict:
+        """Train to `steps` (resuming from the newest checkpoint) and publish; rank 0 holds the output folder's
+        lock throughout, so a second process writing there stops at once."""
+        with folder_lock(self.out) if self.is_main else contextlib.nullcontext():
+            return self._fit()
+
+    def _fit(self) -> dict:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         optimizer = self._optimizer()
@@ -381,7 +411,7 @@ class Trainer:
                     if stopping:
                         bar.close()
                         raise Interrupted(f"stopped by {self._stop or 'a signal to another rank'} at step {done}; "
-                                          f"checkpoint {ck} saved; run the same command again to resume")
+                                          f"checkpoint {ck} saved; run the same command again to resume", self._stop)
         bar.close()
         if self.is_main:
             self._publish(self._checkpoints()[-1])
