@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -370,10 +371,27 @@ def main(argv=None) -> int:
     except GptstackError as e:
         print(f"gptstack: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only or foreign folder, a file where a folder should be
+        print(f"gptstack: error: {os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("gptstack: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+OS_HINTS = {errno.ENOSPC: "free some space, then run the same command again: it resumes from the last checkpoint",
+            errno.EDQUOT: "free some space, then run the same command again: it resumes from the last checkpoint",
+            errno.EROFS: "choose a writable output folder", errno.EACCES: "choose a folder you may write to",
+            errno.EPERM: "choose a folder you may write to", errno.EEXIST: "it is in the way; choose another path",
+            errno.ENOTDIR: "a file stands where a folder should be; choose another path"}
+
+
+def os_error(e: OSError) -> str:
+    """An OS error as one line: the path, what went wrong, and what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    hint = OS_HINTS.get(e.errno)
+    return f"{where}{e.strerror or e}" + (f" ({hint})" if hint else "")
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ from pathlib import Path
 
 
 def _stage_folder(source: str, out: str | None, stage: str):
-    """(the tokenizer beside `source`, the output folder): `out`, or STAGE/ beside the source folder.
-    An output outside a run folder gets its own copy of the tokenizer, so chat and later stages find it."""
+    """(the tokenizer beside `source`, the output folder): `out`, or STAGE/ beside the source folder."""
     from .checkpoint import find_tokenizer
     from .tokenizer import Tokenizer
-    tok = Tokenizer.load(find_tokenizer(source))
-    folder = Path(out) if out else Path(source).parent / stage
+    return Tokenizer.load(find_tokenizer(source)), Path(out) if out else Path(source).parent / stage
+
+
+def _keep_tokenizer(tok, folder: Path) -> None:
+    """Once the stage has run: an output outside a run folder gets its own copy of the tokenizer, so chat and later
+    stages find it (written last, so a refused run leaves no folder behind)."""
     if not (folder.parent / "tokenizer.json").is_file():
         tok.save(folder / "tokenizer.json")
-    return tok, folder
 
 
 def add_settings_args(p, section: str, example: str, flags: dict[str, str] | None = None) -> None:
@@ -118,6 +120,7 @@ def cmd_sft(args):
     cfg = settings(args)
     tok, out = _stage_folder(args.init, args.out, "sft")
     r = run_sft(cfg, Path(args.init), out, tok).get("sft", {})
+    _keep_tokenizer(tok, out)
     print(f"model: {out / 'model.safetensors'}")
     if "accuracy" in r:
         print(f"held-out: accuracy {r['accuracy']:.3f} (pretrained {r['base_accuracy']:.3f}), "
@@ -163,6 +166,7 @@ def cmd_rm(args):
     tok, out = _stage_folder(args.init, args.out, "rm")
     r = run_rm(cfg, Path(args.init), out, tok, Path(args.data) if args.data else None,
                Path(args.val) if args.val else None).get("rm", {})
+    _keep_tokenizer(tok, out)
     print(f"reward model: {out / 'model.safetensors'}")
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
 
@@ -172,6 +176,7 @@ def cmd_ppo(args):
     cfg = settings(args)
     tok, out = _stage_folder(args.policy, args.out, "ppo")
     r = run_ppo(cfg, Path(args.policy), Path(args.rm), out, tok).get("ppo", {})
+    _keep_tokenizer(tok, out)
     print(f"policy: {out / 'model.safetensors'}")
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
 

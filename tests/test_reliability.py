@@ -149,3 +149,45 @@ def test_numeric_settings_out_of_range_are_refused_before_any_folder(tmp_path, o
     with pytest.raises(GptstackError, match=__import__("re").escape(needle)):
         from gptstack.stages import RunConfig
         RunConfig.resolve("tiny", overrides=[override])
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_when_space_returns(corpus, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import gptstack.train.trainer as trainer
+    from gptstack.cli import main
+    args = ["--data", str(corpus), *TINY, "pretrain.steps=6", "pretrain.ckpt_every=2", "pretrain.eval_every=0"]
+    assert main(["pretrain", "--out", str(tmp_path / "ref"), *args]) == 0
+    real, calls = trainer.save_state_dict, []
+
+    def full_disk(state, path, metadata=None):  # the second checkpoint's weights meet a full disk
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(state, path, metadata)
+
+    monkeypatch.setattr(trainer, "save_state_dict", full_disk)
+    capsys.readouterr()
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "gptstack:" in line]
+    assert len(said) == 1 and "No space left on device" in said[0] and "resumes from the last checkpoint" in said[0]
+    assert "Traceback" not in err and err.rstrip().endswith(said[0].split("gptstack:")[-1])  # the last thing shown
+    monkeypatch.setattr(trainer, "save_state_dict", real)  # space returns
+    assert main(["pretrain", "--out", str(tmp_path / "run"), *args]) == 0
+    assert (tmp_path / "run/pretrain/model.safetensors").read_bytes() == (tmp_path / "ref/pretrain/model.safetensors").read_bytes()
+
+
+def test_a_trainer_state_that_is_json_but_not_ours_is_named(tmp_path):
+    _fit(tmp_path)
+    state = sorted((tmp_path / "checkpoints").iterdir())[-1] / "trainer_state.json"
+    state.write_text(json.dumps({"step": "four"}))
+    with pytest.raises(GptstackError, match="trainer_state.json: not a trainer state"):
+        _fit(tmp_path)
+
+
+def test_a_refused_sft_run_leaves_no_folder(random_model_dir, tmp_path):
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "hi"}) + "\n")
+    proc = run_cli("sft", "--from", random_model_dir, "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "out", timeout=120)
+    assert proc.returncode == 2 and "bad.jsonl:1: field 'response' missing" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

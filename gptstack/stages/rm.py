@@ -84,9 +84,9 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     the world's (sampled from the policy and ranked by the configured labeler). Returns {"rm": ...}."""
     r = cfg.rm
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     made = {}
     if data is None:
+        out.mkdir(parents=True, exist_ok=True)
         data, val_data, made = world_rankings(cfg, policy, out, tok, log)
     records = read_rankings(data)
     check_rankings_fit(records, data)

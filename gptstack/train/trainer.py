@@ -255,6 +255,10 @@ class Trainer:
             return 0, {}
         ck = ckpts[-1]
         state = read_json(ck / "trainer_state.json")
+        missing = [k for k, kind in (("step", int), ("train_config", dict), ("rng", list)) if not isinstance(state.get(k), kind)]
+        if missing:  # the one checkpoint file without a checksum: valid JSON, but not ours
+            raise GptstackError(f"{ck / 'trainer_state.json'}: not a trainer state ({', '.join(missing)} missing or "
+                                f"of the wrong type); delete {ck} to resume from an earlier checkpoint")
         old = {k: v for k, v in state["train_config"].items() if k not in RESUMABLE_KEYS}
         new = {k: v for k, v in to_dict(self.cfg).items() if k not in RESUMABLE_KEYS}
         changed = sorted(k for k in new if old.get(k) != new[k])
@@ -354,7 +358,8 @@ class Trainer:
                    dynamic_ncols=True, mininterval=1.0, unit="step")
         window_tokens, window_time = 0, 0.0
         last = {}
-        with self._signals():
+        # the bar closes on the way out of an error too, so the error's one line is the last the user sees
+        with self._signals(), contextlib.closing(bar):
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
                 lr = lr_at(cfg, step)
@@ -409,10 +414,8 @@ class Trainer:
                     extra = {"objective": self.objective.state_dict()} if hasattr(self.objective, "state_dict") else {}
                     ck = self._save(done, optimizer, {**stats, "initial_eval": initial, "summary": summary, **extra})
                     if stopping:
-                        bar.close()
                         raise Interrupted(f"stopped by {self._stop or 'a signal to another rank'} at step {done}; "
                                           f"checkpoint {ck} saved; run the same command again to resume", self._stop)
-        bar.close()
         if self.is_main:
             self._publish(self._checkpoints()[-1])
         return summary
