@@ -191,3 +191,72 @@ def test_a_refused_sft_run_leaves_no_folder(random_model_dir, tmp_path):
     proc = run_cli("sft", "--from", random_model_dir, "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "out", timeout=120)
     assert proc.returncode == 2 and "bad.jsonl:1: field 'response' missing" in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- kill drills: SIGKILL at a random moment, then rerun
+
+@pytest.fixture(scope="module")
+def drill_data(tmp_path_factory, random_model_dir):
+    """Your own files for every verb, and an SFT policy and reward model (trained once) for PPO."""
+    d = tmp_path_factory.mktemp("drill")
+    questions = [f"What is {a} plus {b}?" for a in range(2, 10) for b in range(3, 7)]
+    write = lambda name, rows: (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write("sft.jsonl", [{"prompt": q, "response": str(eval(q[8:-1].replace("plus", "+")))} for q in questions])
+    write("rankings.jsonl", [{"prompt": q, "responses": ["7", "I don't know.", "banana"], "ranks": [1, 2, 3]} for q in questions])
+    write("prompts.jsonl", [{"prompt": q} for q in questions])
+    write("task.jsonl", [{"text": f"{w} number {i}", "label": w} for i in range(40) for w in ("odd", "even") if i % 2 == (w == "odd")])
+    for verb, argv in (("sft", ["sft", "--from", random_model_dir, "--data", d / "sft.jsonl", "--out", d / "sft", "sft.epochs=1"]),
+                       ("rm", ["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", d / "rm", "rm.epochs=1"])):
+        proc = run_cli(*argv, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return d, random_model_dir
+
+
+DRILLS = {  # verb -> (argv for an output folder, the files it publishes)
+    "sft": (lambda d, m, out: ["sft", "--from", m, "--data", d / "sft.jsonl", "--out", out, "sft.epochs=4",
+                               "sft.train.batch_size=4", "sft.train.ckpt_every=3"], ["model.safetensors", "optim.pt"]),
+    "rm": (lambda d, m, out: ["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", out, "rm.epochs=3",
+                              "rm.train.batch_size=4", "rm.train.ckpt_every=3"], ["model.safetensors", "optim.pt"]),
+    "finetune": (lambda d, m, out: ["finetune", "--task", "classification", "--data", d / "task.jsonl", "--from", m, "--out", out,
+                                    "finetune.epochs=3", "finetune.train.batch_size=8", "finetune.train.ckpt_every=3"],
+                 ["model.safetensors", "optim.pt"]),
+    "ppo": (lambda d, m, out: ["ppo", "--policy", d / "sft", "--rm", d / "rm", "--prompts", d / "prompts.jsonl", "--out", out,
+                               "ppo.rollouts=4", "ppo.rollout_batch=8", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
+                               "ppo.eval_every_rollouts=2", "ppo.ptx_coef=0", "ppo.train.ckpt_every=2", "model.n_ctx=64"],
+            ["model.safetensors", "value.safetensors", "optim.pt"]),
+}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same kernels in every run, so bitwise comparison is fair
+
+
+def _drill(verb, drill_data, tmp_path, kills, seed=0):
+    import random
+    import time
+    d, model = drill_data
+    argv, published = DRILLS[verb]
+    t0 = time.time()
+    ref = run_cli(*argv(d, model, tmp_path / "ref"), env=ONE_THREAD, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    took = time.time() - t0
+    rng = random.Random(seed)
+    for k in range(kills):
+        out = tmp_path / f"killed{k}"
+        proc = subprocess.Popen([sys.executable, "-m", "gptstack", *map(str, argv(d, model, out))],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ, **ONE_THREAD})
+        time.sleep(rng.uniform(0.3, took))  # any moment: before the first checkpoint, between two, around the publish
+        proc.kill()
+        proc.wait()
+        again = run_cli(*argv(d, model, out), env=ONE_THREAD, timeout=300)
+        assert again.returncode == 0, again.stderr[-2000:]
+        for name in published:
+            assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), f"{verb}: {name} differs after a kill"
+
+
+@pytest.mark.parametrize("verb", list(DRILLS))
+def test_a_kill_at_a_random_moment_then_a_rerun_gives_the_same_files(verb, drill_data, tmp_path):
+    _drill(verb, drill_data, tmp_path, kills=1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verb", list(DRILLS))
+def test_ten_kills_per_verb(verb, drill_data, tmp_path):
+    _drill(verb, drill_data, tmp_path, kills=10, seed=1)
