@@ -76,23 +76,14 @@ def cmd_pretrain(args):
 def cmd_finetune(args):
     import json
     from .checkpoint import find_tokenizer, load_model
-    from .data.records import read_task_records
     from .tokenizer import Tokenizer
     from .train.finetune import finetune
     cfg = settings(args)
     tok = Tokenizer.load(find_tokenizer(args.init))
     out = Path(args.out)
-    val = args.val
-    if val is None:  # hold out every 10th record for validation
-        records = read_task_records(Path(args.data), args.task)
-        split = {"train": [r for i, r in enumerate(records) if i % 10], "val": records[::10]}
-        for name, rows in split.items():
-            (out / "data").mkdir(parents=True, exist_ok=True)
-            (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_line"}) + "\n" for r in rows))
-        args.data, val = out / "data" / "train.jsonl", out / "data" / "val.jsonl"
     model_cfg = load_model(args.init).cfg
-    result = finetune(cfg.finetune, args.task, tok, out, Path(args.data), Path(val), Path(args.test) if args.test else None,
-                      init=None if args.scratch else Path(args.init), model_cfg=model_cfg)
+    result = finetune(cfg.finetune, args.task, tok, out, Path(args.data), Path(args.val) if args.val else None,
+                      Path(args.test) if args.test else None, init=None if args.scratch else Path(args.init), model_cfg=model_cfg)
     tok.save(out / "tokenizer.json")  # predict finds it beside the model
     print(json.dumps({k: result[k] for k in ("labels", "val", "test") if k in result}))
 

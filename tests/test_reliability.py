@@ -222,7 +222,7 @@ DRILLS = {  # verb -> (argv for an output folder, the files it publishes)
                  ["model.safetensors", "optim.pt"]),
     "ppo": (lambda d, m, out: ["ppo", "--policy", d / "sft", "--rm", d / "rm", "--prompts", d / "prompts.jsonl", "--out", out,
                                "ppo.rollouts=4", "ppo.rollout_batch=8", "ppo.ppo_epochs=1", "ppo.max_new_tokens=6",
-                               "ppo.eval_every_rollouts=2", "ppo.ptx_coef=0", "ppo.train.ckpt_every=2", "model.n_ctx=64"],
+                               "ppo.eval_every_rollouts=2", "ppo.ptx_coef=0", "ppo.train.ckpt_every=2"],
             ["model.safetensors", "value.safetensors", "optim.pt"]),
 }
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same kernels in every run, so bitwise comparison is fair
@@ -260,3 +260,13 @@ def test_a_kill_at_a_random_moment_then_a_rerun_gives_the_same_files(verb, drill
 @pytest.mark.parametrize("verb", list(DRILLS))
 def test_ten_kills_per_verb(verb, drill_data, tmp_path):
     _drill(verb, drill_data, tmp_path, kills=10, seed=1)
+
+
+def test_a_finetune_label_error_names_your_file_and_line(random_model_dir, tmp_path):
+    rows = [{"text": "first", "label": "rare"}] + [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(19)]
+    (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("finetune", "--task", "classification", "--data", tmp_path / "task.jsonl", "--from", random_model_dir,
+                   "--out", tmp_path / "out", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{tmp_path / 'task.jsonl'}:1: field 'label' 'rare' is not among the training labels" in proc.stderr
+    assert not (tmp_path / "out").exists()

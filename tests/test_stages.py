@@ -191,7 +191,7 @@ def test_sft_rm_and_ppo_on_your_own_files_import_no_world_module(tmp_path, corpu
     prompts = [{"prompt": q} for q in questions[:12]] + [{"messages": [{"role": "system", "content": "Be brief."},
                                                                       {"role": "user", "content": q}]} for q in questions[12:]]
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
-    small = ["model.n_ctx=64", "pretrain.eval_tokens=1024", f"data.sources=[{{path: {corpus}}}]"]
+    small = ["pretrain.eval_tokens=1024", f"data.sources=[{{path: {corpus}}}]"]  # the preset's n_ctx (256) > the policy's (64)
     runs = [["sft", "--from", str(random_model_dir), "--data", str(tmp_path / "sft.jsonl"), "--out", str(tmp_path / "sft"),
              "sft.epochs=2", "sft.train.batch_size=8"],
             ["rm", "--from", str(tmp_path / "sft"), "--data", str(tmp_path / "rankings.jsonl"), "--out", str(tmp_path / "rm"),

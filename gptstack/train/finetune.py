@@ -230,10 +230,11 @@ def scores(logits: torch.Tensor, data: TaskData, n_labels: int) -> dict:
 
 # ---------------------------------------------------------------- running
 
-def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_path: Path, val_path: Path,
+def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_path: Path, val_path: Path | None,
              test_path: Path | None = None, init: Path | None = None, model_cfg=None, lm_coef: float | None = None,
              desc: str = "finetune") -> dict:
-    """Fine-tune from a pretrained stage folder `init` (or from scratch with `model_cfg`); returns the summary."""
+    """Fine-tune from a pretrained stage folder `init` (or from scratch with `model_cfg`); returns the summary.
+    Without `val_path`, every 10th training record is held out (errors still name the training file's lines)."""
     lm_coef = cfg.lm_coef if lm_coef is None else lm_coef
     torch.manual_seed(cfg.train.seed)
     gpt = load_model(init) if init is not None else GPT(model_cfg)
@@ -241,9 +242,13 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
     max_len = min(cfg.max_len or gpt.cfg.n_ctx, gpt.cfg.n_ctx)
     encoder = TaskEncoder(tok, kind, max_len, cfg.truncate)
     train_records = read_task_records(train_path, kind)
+    if val_path is None:
+        train_records, val_records = [r for i, r in enumerate(train_records) if i % 10], train_records[::10]
+    else:
+        val_records = read_task_records(val_path, kind)
     labels = list(range(max(len(r["choices"]) for r in train_records))) if kind == "multiple_choice" else label_set(train_records, train_path)
     train = TaskData(train_records, encoder, labels, train_path)
-    val = TaskData(read_task_records(val_path, kind), encoder, labels, val_path)
+    val = TaskData(val_records, encoder, labels, val_path or train_path)
     n_labels = len(labels)
     model = TaskModel(gpt, kind, n_labels, cfg.head_dropout)
     steps = max(1, math.ceil(cfg.epochs * len(train) / cfg.train.batch_size))
