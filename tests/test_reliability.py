@@ -270,3 +270,41 @@ def test_a_finetune_label_error_names_your_file_and_line(random_model_dir, tmp_p
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{tmp_path / 'task.jsonl'}:1: field 'label' 'rare' is not among the training labels" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+    import pathlib
+
+    from gptstack.cli import main
+    real = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # a read-only file system under tmp_path/ro (root ignores permission bits)
+        if str(self).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    assert main(["pipeline", "--out", str(tmp_path / "ro" / "run"), "--stages", "tokenizer"]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(said) == 1 and "Read-only file system" in said[0] and str(tmp_path / "ro" / "run") in said[0], said
+
+
+@pytest.mark.parametrize("verb", ["pipeline", "pretrain", "sft"])
+def test_an_out_that_is_a_file_is_one_line(verb, tmp_path, random_model_dir, capsys):
+    from gptstack.cli import main
+    (tmp_path / "taken").write_text("mine\n")
+    extra = ["--from", str(random_model_dir)] if verb == "sft" else []
+    assert main([verb, "--out", str(tmp_path / "taken"), *extra]) == 2
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(said) == 1 and "taken" in said[0], said
+    assert (tmp_path / "taken").read_text() == "mine\n"
+
+
+def test_sft_trains_on_a_record_file_with_a_bom_and_crlf(random_model_dir, tmp_path, capsys):
+    from gptstack.cli import main
+    rows = [{"prompt": f"What is {i} plus 1?", "response": str(i + 1)} for i in range(12)]
+    (tmp_path / "win.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\r\n" for r in rows).encode())
+    assert main(["sft", "--from", str(random_model_dir), "--data", str(tmp_path / "win.jsonl"), "--out", str(tmp_path / "sft"),
+                 "sft.epochs=1"]) == 0
+    assert (tmp_path / "sft" / "model.safetensors").is_file()
