@@ -53,6 +53,14 @@ def check(obj, where: str = "") -> None:
         raise GptstackError(f"config '{where + '.' if where else ''}{key}' {message}")
 
 
+def at_least(obj, minimum, *names):
+    """(field, message) for each named numeric field of `obj` below `minimum` (NaN included): for `problems()`."""
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= minimum:
+            yield name, f"must be >= {minimum}, got {value}"
+
+
 def choices(hint) -> tuple | None:
     """The allowed values of a Literal[...] field, or None for any other type."""
     return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None

@@ -14,6 +14,7 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .config import at_least
 from .errors import GptstackError
 from .io import atomic_write_text
 
@@ -31,6 +32,12 @@ class TokenizerConfig:
     vocab_size: int = 4096
     min_frequency: int = 2
     train_bytes: int = 0  # train the BPE on at most this many bytes of the corpus (0: all)
+
+    def problems(self):
+        if self.vocab_size < 256 + len(SPECIAL_TOKENS):
+            yield "vocab_size", f"must be at least {256 + len(SPECIAL_TOKENS)} (256 bytes + specials), got {self.vocab_size}"
+        yield from at_least(self, 1, "min_frequency")
+        yield from at_least(self, 0, "train_bytes")
 
 
 class Tokenizer:

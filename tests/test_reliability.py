@@ -140,7 +140,10 @@ def test_bad_sampling_arguments_are_one_line(random_model_dir, args, needle):
     ("pretrain.steps=-5", "'pretrain.steps' must be >= 0"), ("pretrain.steps=0", "'pretrain.steps' must be at least 1"),
     ("pretrain.lr=nan", "'pretrain.lr' must be a positive number"), ("pretrain.lr=-1", "'pretrain.lr' must be a positive"),
     ("pretrain.batch_size=0", "'pretrain.batch_size' must be at least 1"), ("sft.train.lr=0", "'sft.train.lr' must be"),
-    ("model.dropout=1.5", "'model.dropout' must be in [0, 1)"),
+    ("model.dropout=1.5", "'model.dropout' must be in [0, 1)"), ("ppo.rollout_batch=0", "'ppo.rollout_batch' must be >= 1"),
+    ("ppo.minibatches=3", "'ppo.rollout_batch' (64) must be divisible by ppo.minibatches (3)"), ("rm.k=1", "'rm.k' must be >= 2"),
+    ("tokenizer.vocab_size=10", "'tokenizer.vocab_size' must be at least 266"), ("data.val_fraction=1", "'data.val_fraction'"),
+    ("sft.epochs=-1", "'sft.epochs' must be >= 0"), ("rm.agreement=0.2", "'rm.agreement' must be in [0.5, 1]"),
 ])
 def test_numeric_settings_out_of_range_are_refused_before_any_folder(tmp_path, override, needle):
     from gptstack.cli import main
@@ -196,7 +199,7 @@ def test_a_refused_sft_run_leaves_no_folder(random_model_dir, tmp_path):
 # ---------------------------------------------------------------- kill drills: SIGKILL at a random moment, then rerun
 
 @pytest.fixture(scope="module")
-def drill_data(tmp_path_factory, random_model_dir):
+def drill_data(tmp_path_factory, random_model_dir, corpus):
     """Your own files for every verb, and an SFT policy and reward model (trained once) for PPO."""
     d = tmp_path_factory.mktemp("drill")
     questions = [f"What is {a} plus {b}?" for a in range(2, 10) for b in range(3, 7)]
@@ -209,10 +212,13 @@ def drill_data(tmp_path_factory, random_model_dir):
                        ("rm", ["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", d / "rm", "rm.epochs=1"])):
         proc = run_cli(*argv, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
+    (d / "corpus").symlink_to(corpus)
     return d, random_model_dir
 
 
 DRILLS = {  # verb -> (argv for an output folder, the files it publishes)
+    "pretrain": (lambda d, m, out: ["pretrain", "--out", out, "--data", d / "corpus", *TINY, "pretrain.steps=16",
+                                    "pretrain.ckpt_every=4", "pretrain.eval_every=8"], ["pretrain/model.safetensors", "pretrain/optim.pt"]),
     "sft": (lambda d, m, out: ["sft", "--from", m, "--data", d / "sft.jsonl", "--out", out, "sft.epochs=4",
                                "sft.train.batch_size=4", "sft.train.ckpt_every=3"], ["model.safetensors", "optim.pt"]),
     "rm": (lambda d, m, out: ["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", out, "rm.epochs=3",

@@ -33,6 +33,12 @@ class DataConfig:
     val_fraction: float = 0.05  # documents go to val by a hash of their id, not by position
     skip_bad: bool = False  # drop (and count) bad records instead of stopping
 
+    def problems(self):
+        if not 0 < self.val_fraction < 1:
+            yield "val_fraction", f"must be in (0, 1), got {self.val_fraction}"
+        if not self.sources:
+            yield "sources", "must name at least one data source"
+
 
 @dataclass
 class Document:

@@ -20,6 +20,7 @@ import torch
 
 from .. import plots
 from ..checkpoint import find_tokenizer, load_model, read_weights, save_state_dict
+from ..config import at_least
 from ..data.loader import build_sampler, right_pad
 from ..data.records import read_prompt_records
 from ..errors import GptstackError
@@ -74,6 +75,14 @@ class PPOConfig:
     baselines: bool = True  # the stage also runs γ = 0 (the ptx comparison)
     seed: int = 0
     train: TrainConfig = field(default_factory=_ppo_train)
+
+    def problems(self):
+        yield from at_least(self, 1, "train_prompts", "eval_prompts", "rollouts", "rollout_batch", "ppo_epochs", "minibatches",
+                            "max_new_tokens", "kl_horizon", "rounds", "eval_every_rollouts", "ptx_seq_len")
+        yield from at_least(self, 0, "temperature", "kl_coef", "kl_target", "clip", "value_clip", "vf_coef", "gamma", "lam",
+                            "no_end_penalty", "ptx_coef", "rbrm_coef")
+        if self.rollout_batch % self.minibatches:
+            yield "rollout_batch", f"({self.rollout_batch}) must be divisible by ppo.minibatches ({self.minibatches})"
 
 
 # ---------------------------------------------------------------- prompts

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint import load_model
+from ..config import at_least
 from ..evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
 from ..io import atomic_write_json
 from .base import Context, Stage
@@ -17,6 +18,11 @@ class PromptingConfig:
     shots: list[int] = field(default_factory=lambda: [0, 1, 4, 8])
     limit: int = 0  # queries per task (0: all)
     seed: int = 0  # which few-shot examples each query gets
+
+    def problems(self):
+        yield from at_least(self, 0, "limit")
+        if any(k < 0 for k in self.shots):
+            yield "shots", f"must be >= 0, got {self.shots}"
 
 
 def run(ctx: Context) -> dict:

@@ -19,6 +19,7 @@ import torch
 
 from .. import plots
 from ..checkpoint import load_model, save_state_dict
+from ..config import at_least
 from ..data.records import read_rankings
 from ..evals.rm import answer_loglik, pair_agreement
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
@@ -48,6 +49,15 @@ class RMConfig:
     epochs: float = 1.0  # when train.steps is 0
     seed: int = 0
     train: TrainConfig = field(default_factory=_rm_train)
+
+    def problems(self):
+        yield from at_least(self, 1, "prompts", "val_prompts", "max_new_tokens")
+        yield from at_least(self, 2, "k")  # a ranking compares answers
+        yield from at_least(self, 0, "epochs", "tie_threshold")
+        if not 0.5 <= self.agreement <= 1:
+            yield "agreement", f"must be in [0.5, 1] (0.5: a coin), got {self.agreement}"
+        if not self.temperatures or any(not t >= 0 for t in self.temperatures):
+            yield "temperatures", f"must be one or more temperatures >= 0, got {self.temperatures}"
 
 
 def world_rankings(cfg, policy: Path, out: Path, tok: Tokenizer, log=print) -> tuple[Path, Path, dict]:

@@ -19,6 +19,7 @@ import torch
 
 from .. import plots
 from ..checkpoint import load_model
+from ..config import at_least
 from ..data.records import read_sft_records
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_jsonl_loose
@@ -44,6 +45,10 @@ class SFTConfig:
     epochs: float = 2.0  # when train.steps is 0
     seed: int = 0
     train: TrainConfig = field(default_factory=_sft_train)
+
+    def problems(self):
+        yield from at_least(self, 1, "demonstrations", "eval_prompts", "max_new_tokens")
+        yield from at_least(self, 0, "epochs")
 
 
 def sft_data(cfg: SFTConfig):

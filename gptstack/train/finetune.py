@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..checkpoint import load_model, read_weights
+from ..config import at_least
 from ..data.records import label_set, read_task_records
 from ..data.loader import epoch_indices, right_pad
 from ..errors import GptstackError
@@ -51,6 +52,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=_finetune_train)
 
     def problems(self):
+        yield from at_least(self, 0, "epochs", "warmup_fraction", "lm_coef", "head_dropout", "max_len")
         if self.train.strategy != "ddp":  # task models are small; their evals run whole on rank 0
             yield "train.strategy", f"must be ddp, got {self.train.strategy!r}"
 
