@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import scaling
 from ..checkpoint import load_model
-from ..config import preset_dict
+from ..config import at_least, preset_dict
 from ..data.loader import build_sampler
 from ..errors import GptstackError
 from ..evals.capability import identifier_queries, pass_rate
@@ -79,6 +79,15 @@ class ScaleConfig:
     bootstrap: int = 200
     interval: float = 0.9  # central bootstrap interval of the prediction
     capability_queries: int = 500  # identifier-completion queries from held-out code (the capability law)
+
+    def problems(self):
+        yield from at_least(self, 1, "vocab_size", "n_ctx", "head_dim", "min_layers", "seeds", "batch_size", "capability_queries")
+        yield from at_least(self, 0, "n_head", "chinchilla_rungs", "bootstrap", "huber_delta", "warmup_fraction", "min_lr_ratio")
+        for name in ("aspect", "tokens_per_param", "max_compute_ratio", "lr"):
+            if not getattr(self, name) > 0:
+                yield name, f"must be > 0, got {getattr(self, name)}"
+        if not 0 < self.interval < 1:
+            yield "interval", f"must be in (0, 1), got {self.interval}"
 
 
 
