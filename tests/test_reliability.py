@@ -2,6 +2,7 @@
 the publish is repaired by the rerun, a finished run asked for more steps says how to continue, and record files
 from other tools (BOM, CRLF) or hostile ones (deep nesting, lone surrogates) get a file:line answer."""
 import json
+import signal
 import subprocess
 import sys
 
@@ -314,3 +315,30 @@ def test_sft_trains_on_a_record_file_with_a_bom_and_crlf(random_model_dir, tmp_p
     assert main(["sft", "--from", str(random_model_dir), "--data", str(tmp_path / "win.jsonl"), "--out", str(tmp_path / "sft"),
                  "sft.epochs=1"]) == 0
     assert (tmp_path / "sft" / "model.safetensors").is_file()
+
+
+def test_sigterm_mid_rollout_stops_at_the_rollouts_end_and_resumes_bitwise(drill_data, tmp_path):
+    """A signal lets PPO finish the rollout's updates before it saves, so the resumed run rolls out where an
+    uninterrupted one would (not again with newer weights, nor with β updated twice)."""
+    import os
+    import time
+    d, model = drill_data
+    argv = lambda out: [*DRILLS["ppo"][0](d, model, out), "ppo.minibatches=4"]  # noqa: E731  4 updates per rollout
+    ref = run_cli(*argv(tmp_path / "ref"), env=ONE_THREAD, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "-m", "gptstack", *map(str, argv(out))], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and '"step": 1,' in (out / "metrics.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first update"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)  # after update 1 of the first rollout's 4
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert saved and int(saved[-1].split("_")[1]) % 4 == 0, saved  # stopped at a rollout's end
+    again = run_cli(*argv(out), env=ONE_THREAD, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in DRILLS["ppo"][1]:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name

@@ -179,7 +179,7 @@ class PPOObjective:
         self.cfg, self.model, self.tok, self.prompts, self.ptx = cfg, model, tok, prompts, ptx_sampler
         self.extra_rewards, self.rollout_metrics, self.evaluate_fn = extra_rewards, rollout_metrics, evaluate
         self.kl = AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
-        self.updates_per_rollout = cfg.ppo_epochs * cfg.minibatches
+        self.updates_per_rollout = self.steps_per_group = cfg.ppo_epochs * cfg.minibatches  # a signal stops at a rollout's end
         self.rollout, self.rollout_index, self.stats = None, -1, {}
         self._loop, self._next_step = None, None
         self._flops = flops_per_token

@@ -12,6 +12,7 @@ The objective protocol:
     evaluate(model) -> {metric: float}    on held-out data, model in eval mode
     flops_per_token() -> float            for MFU (optional)
     state_dict() / load_state_dict(d)     state of its own, kept in the checkpoint (optional; PPO's KL coefficient)
+    steps_per_group                       a signal stops only at a multiple of this (optional; PPO: updates per rollout)
 """
 from __future__ import annotations
 
@@ -401,7 +402,9 @@ class Trainer:
                         append_jsonl(self.metrics_path, {"event": "eval", "step": done, **row})
                     self._select(done, row, stats)
                     stats["wall_seconds"] += time.perf_counter() - t1
-                stopping = any_rank(self._stop is not None)  # every rank saves and stops at the same step
+                # every rank saves and stops at the same step; an objective whose steps come in groups (PPO: the
+                # updates of one rollout) stops at a group's end, so a resume starts where an uninterrupted run would
+                stopping = any_rank(self._stop is not None) and done % getattr(self.objective, "steps_per_group", 1) == 0
                 if stopping or done % cfg.ckpt_every == 0 or done == cfg.steps:
                     final = self._main_eval() if done == cfg.steps else None
                     if final is not None:
