@@ -58,9 +58,9 @@ def main():
     curves, summaries = {}, {}
     for p in precisions:
         stage = out / p  # a finished run there is reused, an interrupted one resumed (the Trainer's checkpoints)
-        run_pretrain(RunConfig.resolve(args.preset, overrides=[*settings, f"pretrain.precision={p}"]), stage, tok)
+        summary = run_pretrain(RunConfig.resolve(args.preset, overrides=[*settings, f"pretrain.precision={p}"]), stage, tok)
         curves[p] = train_losses(stage)
-        summaries[p] = json.loads((stage / "summary.json").read_text())["pretrain"]
+        summaries[p] = summary["pretrain"]
 
     base = precisions[0]
     smooth = {p: moving_average(c, args.window) for p, c in curves.items()}

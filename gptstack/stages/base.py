@@ -57,13 +57,6 @@ def unregister(name: str) -> None:
     STAGES[:] = [s for s in STAGES if s.name != name]
 
 
-def stage_named(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise GptstackError(f"unknown stage {name!r} (known: {', '.join(s.name for s in STAGES)})")
-
-
 def sections() -> dict[str, type]:
     """Every config section, in order: the shared ones, then each stage's own."""
     return {**SHARED, **{s.name: s.config for s in STAGES if s.config}}
@@ -146,10 +139,11 @@ class Context:
         return Tokenizer.load(self.run / "tokenizer.json")
 
     def fit_vocab(self, tok: Tokenizer) -> None:
-        """The model's vocabulary is the tokenizer's; the preset's number is only the target. Rank 0 keeps
-        config.yaml in step with it."""
-        if self.cfg.model.vocab_size != tok.vocab_size:
-            self.cfg.model.vocab_size = tok.vocab_size
+        """The model's vocabulary is the tokenizer's; the preset's number is only the target. When that changes
+        it, rank 0 keeps config.yaml in step."""
+        if self.cfg.model.vocab_size == tok.vocab_size:
+            return
+        self.cfg.model.vocab_size = tok.vocab_size
         if self.rank == 0 and (self.run / "config.yaml").is_file():
             self.cfg.save(self.run / "config.yaml")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from ..checkpoint import load_model
 from ..data.loader import build_sampler
 from ..evals.lm import lm_metrics
-from ..io import atomic_write_json
 from .base import Context, Stage
 
 
@@ -15,9 +14,7 @@ def run(ctx: Context) -> dict:
     ctx.fit_vocab(tok)
     model = load_model(ctx.folder("pretrain"), "auto")
     sampler = build_sampler(cfg.data, tok, cfg.pretrain.seq_len or cfg.model.n_ctx, cfg.pretrain.seed)
-    result = {"pretrain": lm_metrics(model, sampler, tok.vocab_size)}
-    atomic_write_json(ctx.folder("eval") / "summary.json", result)
-    return result
+    return {"pretrain": lm_metrics(model, sampler, tok.vocab_size)}
 
 
 STAGE = Stage("eval", run, "val loss, perplexity and bits per byte of the pretrained model",

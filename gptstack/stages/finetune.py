@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import GptstackError
-from ..io import atomic_write_json
 from ..train.finetune import FinetuneConfig, finetune
 from .base import Context, Stage
 
@@ -51,9 +50,7 @@ def run(ctx: Context) -> dict:
         results[task] = row
     if ctx.rank != 0:
         return {}
-    summary = {"finetune": results}
-    atomic_write_json(run / "finetune" / "summary.json", summary)
-    return summary
+    return {"finetune": results}
 
 
 def markdown(run: Path, r: dict) -> list[str]:

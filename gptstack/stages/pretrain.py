@@ -10,7 +10,7 @@ from .. import plots
 from ..checkpoint import load_model
 from ..data.loader import build_sampler
 from ..generate import generate
-from ..io import append_jsonl, atomic_write_json, read_jsonl_loose
+from ..io import append_jsonl, read_jsonl_loose
 from ..model import GPT
 from ..tokenizer import Tokenizer
 from ..train.distributed import local_main_first
@@ -54,7 +54,6 @@ def run_pretrain(cfg, out: Path, tok: Tokenizer) -> dict:
     whole_model = load_model(out, trainer.device) if trainer.sharded else trainer.model
     write_samples(whole_model, tok, out / "samples.jsonl", cfg.pretrain.seed)
     result["pretrain"]["stage_seconds"] = time.time() - t0
-    atomic_write_json(out / "summary.json", result)
     return result
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from ..checkpoint import load_model
 from ..config import at_least
 from ..evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
-from ..io import atomic_write_json
 from .base import Context, Stage
 
 
@@ -31,9 +30,7 @@ def run(ctx: Context) -> dict:
     model = load_model(ctx.folder("pretrain"), "auto")
     results = sweep(model, ctx.tokenizer(), tasks, p.shots, p.limit, p.seed, ctx.log)
     plot_shots({"pretrain": results}, ctx.run / "plots" / "shots.png", CHANCE)
-    summary = {"prompting": results}
-    atomic_write_json(ctx.folder("prompting") / "summary.json", summary)
-    return summary
+    return {"prompting": results}
 
 
 def markdown(run: Path, r: dict) -> list[str]:
