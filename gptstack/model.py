@@ -161,6 +161,10 @@ class GPT(nn.Module):
     def logits(self, h):
         return F.linear(h, self.wte.weight)  # tied output: softmax(h_n · We^T)
 
+    def sequence_logprobs(self, ids, temperature: float = 1.0):
+        """log P(ids[:, t] | ids[:, <t]) for t = 1..L-1 under softmax(logits / temperature): (B, L-1)."""
+        return token_logprobs(self.logits(self.hidden(ids))[:, :-1], ids[:, 1:], temperature)
+
     def forward(self, idx, targets=None, **kw):
         """(logits, loss). Targets of -100 are ignored (prompt tokens in SFT, padding)."""
         logits = self.logits(self.hidden(idx, **kw))

@@ -27,7 +27,6 @@ from ..errors import GptstackError
 from ..evals.lm import windows_loss
 from ..generate import respond
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
-from ..model import token_logprobs
 from ..tokenizer import Tokenizer
 from ..train.ppo import ActorCritic, PPOObjective, pack, sample
 from ..train.rm import RewardModel, encode_answer, load_reward_model, scalar_flops_per_token
@@ -146,11 +145,12 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
     """Greedy answers to held-out prompts, scored by the RM (and by the gold labeler on the world's prompts),
     and, given a reference, the KL to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref).
     Returns (figures, the greedy answers as samples)."""
-    answers = [text for text, _ in respond(policy, tok, prompts.conversations, p.max_new_tokens)]
     if prompts.suite is not None:
-        from ..evals.instruct import judge_answers
-        figures, samples = judge_answers(prompts.suite, answers)
+        from ..evals.instruct import evaluate_instructions
+        figures, samples = evaluate_instructions(policy, tok, prompts.suite, p.max_new_tokens)
+        answers = [s["answer"] for s in samples]
     else:
+        answers = [text for text, _ in respond(policy, tok, prompts.conversations, p.max_new_tokens)]
         figures = {"n": len(answers), "mean_length": sum(map(len, answers)) / max(len(answers), 1)}
         samples = [{"messages": c, "answer": a} for c, a in zip(prompts.conversations, answers)]
     scores = rm_scores(rm, tok, prompts.conversations, answers)
@@ -164,9 +164,7 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
     ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
     device = next(policy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)
-    logp = token_logprobs(policy.logits(policy.hidden(ids))[:, :-1], ids[:, 1:])
-    ref = token_logprobs(reference.logits(reference.hidden(ids))[:, :-1], ids[:, 1:])
-    figures["kl"] = float(((logp - ref) * mask).sum(1).mean())
+    figures["kl"] = float(((policy.sequence_logprobs(ids) - reference.sequence_logprobs(ids)) * mask).sum(1).mean())
     return figures, samples
 
 
@@ -193,12 +191,12 @@ def win_rate(ours: list[dict], theirs: list[dict], key: str = "gold_score") -> d
 
 # ---------------------------------------------------------------- training
 
-def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, log=print,
-              reference_dir: Path | None = None) -> dict:
-    """PPO from `policy_dir` against the RM in `rm_dir` into OUT; OUT/model.safetensors is the policy
-    (a plain GPT, for chat and serving), OUT/value.safetensors its value function."""
+def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, prompts: Prompts,
+              val_prompts: Prompts, log=print, reference_dir: Path | None = None) -> dict:
+    """PPO from `policy_dir` against the RM in `rm_dir` into OUT, rolling out on `prompts` and keeping the
+    checkpoint that does best on `val_prompts`; OUT/model.safetensors is the policy (a plain GPT, for chat and
+    serving), OUT/value.safetensors its value function."""
     p = dataclasses.replace(cfg.ppo, ptx_coef=ptx_coef)
-    prompts, val_prompts, _ = prompt_sets(cfg)
     torch.manual_seed(p.train.seed)
     policy = load_model(policy_dir)
     value = load_reward_model(rm_dir)  # the value function starts as the reward model (InstructGPT)
@@ -247,7 +245,8 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
             "train_seconds": summary.get("seconds"), "final_beta": objective.kl.beta}
 
 
-def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
+def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, prompts: Prompts, val_prompts: Prompts,
+                 log=print) -> dict:
     """InstructGPT's iteration of steps 2 and 3 on the world: PPO for a share of the rollouts; then new
     rankings of the current policy's answers, the RM retrained (from SFT) on all rankings so far, and PPO
     continued from the current policy (the KL stays to SFT). The last round's policy is OUT's model."""
@@ -281,7 +280,7 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, lo
                 log(f"[ppo] round {k}: retraining the reward model on {len(rankings)} rounds of rankings")
                 run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", log)
         log(f"[ppo] round {k} of {p.rounds}")
-        result = train_ppo(per_round, policy, rm, folder, tok, p.ptx_coef, log, reference_dir=sft_dir)
+        result = train_ppo(per_round, policy, rm, folder, tok, p.ptx_coef, prompts, val_prompts, log, reference_dir=sft_dir)
         rm_summary = json.loads((rm / "summary.json").read_text())["rm"]
         rounds.append({"round": k, "rankings": rm_summary["rankings"], "rm_gold_agreement": rm_summary.get("gold_agreement"),
                        "steps": result["steps"], "selected": result["selected"]})
@@ -322,6 +321,8 @@ def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
 def versus(policies: list[str], prompts: Prompts, ours: list[dict], max_new_tokens: int, log=print) -> dict:
     """The PPO policy's greedy answers judged against other policies' (InstructGPT's headline: a small PPO
     model against a much larger SFT one). Each brings its own tokenizer."""
+    if not policies:
+        return {}  # and the world stays unimported
     from ..evals.instruct import evaluate_instructions
     out = {}
     for folder in policies:
@@ -339,20 +340,20 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
     """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
     t0 = time.time()
     p = cfg.ppo
-    _, _, prompts = prompt_sets(cfg)
+    train_prompts, val_prompts, prompts = prompt_sets(cfg)  # read once for every run of the stage
     if p.versus and prompts.suite is None:
         raise GptstackError("config 'ppo.versus' needs the gold labeler, so the world's prompts (ppo.prompts: world)")
     if p.rounds > 1:
-        result = train_rounds(cfg, run_policy, rm_dir, out, tok, log)
+        result = train_rounds(cfg, run_policy, rm_dir, out, tok, train_prompts, val_prompts, log)
     else:
-        result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, log)
+        result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, train_prompts, val_prompts, log)
     if not result:
         return {}
     no_ptx = None
     if p.baselines and p.ptx_coef > 0:
         log("[ppo] the same run without the ptx term, for the comparison")
         no_ptx = out / "no_ptx"
-        train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, log)
+        train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, train_prompts, val_prompts, log)
 
     sft, ppo = load_model(run_policy, "auto"), load_model(out, "auto")
     rm = load_reward_model(rm_dir, "auto")
@@ -370,7 +371,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
                "pretrain_val_loss_sft": loss_sft,
                "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
     result["params"] = ppo.num_params()
-    result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log) if p.versus else {}
+    result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log)
     if no_ptx is not None:
         no_ptx_model = load_model(no_ptx, "auto")
         result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(no_ptx_model, sampler, tokens) - loss_sft

@@ -62,7 +62,7 @@ class ActorCritic(nn.Module):
     @torch.no_grad()
     def reference_logprobs(self, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log π_SFT of tokens 1..L-1: (B, L-1)."""
-        return token_logprobs(self.reference.logits(self.reference.hidden(ids))[:, :-1], ids[:, 1:], temperature)
+        return self.reference.sequence_logprobs(ids, temperature)
 
     @torch.no_grad()
     def score(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -77,8 +77,7 @@ def _drop_frozen(module, state_dict, prefix, local_metadata):
 
 def _frozen_not_missing(module, incompatible):
     frozen = tuple(f + "." for f in ActorCritic.FROZEN)
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.split(".", 1)[-1].startswith(frozen)
-                                    and not k.startswith(frozen)]
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(frozen)]
 
 
 # ---------------------------------------------------------------- the algebra
