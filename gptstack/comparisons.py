@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import load_model
-from .errors import GptstackError, where
+from .data.records import prompt_messages, read_records
+from .errors import GptstackError
 from .generate import respond
-from .io import atomic_write_text, iter_jsonl
-from .tokenizer import Tokenizer, chat_messages
+from .io import atomic_write_text
+from .tokenizer import Tokenizer
 from .world.instructions import InstructionSuite, NoisyLabeler, Prompt, pairwise_agreement, rank
-
-LABELERS = ("gold", "noisy", "human")
-
 
 @dataclass
 class Sampler:
@@ -30,27 +28,22 @@ class Sampler:
 
 
 def read_prompts(path: Path, suite: InstructionSuite | None) -> list[Prompt | dict]:
-    """Prompts from a JSONL file of {prompt, [system]}: the suite's Prompt where the text is one of its
-    prompts (so the gold labeler can judge it), else the bare record."""
+    """Prompts from a JSONL file of {prompt, [system]} or {messages} (the one prompt reader, `read_prompt_records`'s
+    format): the suite's Prompt where the text is one of its prompts (so the gold labeler can judge it), else the
+    bare record."""
     out = []
-    for lineno, rec in iter_jsonl(path):
-        if not isinstance(rec.get("prompt"), str):
-            raise GptstackError(f"{where(path, lineno, 'prompt')} missing or not a string")
-        system = rec.get("system")
-        if system is not None and not isinstance(system, str):
-            raise GptstackError(f"{where(path, lineno, 'system')} must be a string")
-        found = suite.lookup(rec["prompt"], system) if suite else None
-        out.append(found or {"prompt": rec["prompt"], "system": system, "_line": lineno})
-    if not out:
-        raise GptstackError(f"{path}: no prompts")
+    for lineno, messages in read_records(path, lambda rec, p, n: (n, prompt_messages(rec, p, n))):
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        user = messages[-1]["content"]
+        found = suite.lookup(user, system) if suite and len(messages) == 1 + (system is not None) else None
+        out.append(found or {"prompt": user, "system": system, "messages": messages, "_line": lineno})
     return out
 
 
 def sample_answers(samplers: list[Sampler], tok: Tokenizer, prompts: list, k: int, max_new_tokens: int,
                    seed: int = 0) -> list[tuple[list[str], list[str]]]:
     """K answers per prompt, cycling through the samplers; returns (answers, sources) per prompt."""
-    convs = [chat_messages(p.user, p.system) if isinstance(p, Prompt) else chat_messages(p["prompt"], p["system"])
-             for p in prompts]
+    convs = [p.messages() if isinstance(p, Prompt) else p["messages"] for p in prompts]
     answers = [[None] * k for _ in prompts]
     sources = [[None] * k for _ in prompts]
     for j in range(k):
@@ -64,11 +57,8 @@ def sample_answers(samplers: list[Sampler], tok: Tokenizer, prompts: list, k: in
 def compare(policies: list[str], tok: Tokenizer, prompts: list, k: int, labeler: str, out: Path,
             temperatures: list[float] = (1.0,), agreement: float = 0.73, tie_threshold: float = 0.0,
             max_new_tokens: int = 64, seed: int = 0) -> dict:
-    """Sample, rank and write the rankings (or the to-do file for `label`). Returns the summary."""
-    if labeler not in LABELERS:
-        raise GptstackError(f"unknown labeler '{labeler}' (known: {', '.join(LABELERS)})")
-    if k < 2:
-        raise GptstackError(f"--k must be at least 2 (a ranking compares answers), got {k}")
+    """Sample, rank and write the rankings (or the to-do file for `label`). Returns the summary. The labeler and
+    k come checked from `rm.*` (RMConfig)."""
     unjudgeable = [p for p in prompts if not isinstance(p, Prompt)]
     if labeler != "human" and unjudgeable:
         p = unjudgeable[0]

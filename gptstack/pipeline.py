@@ -20,8 +20,6 @@ from .stages.base import finished, run_stage
 from .train.distributed import barrier, broadcast_from_main, dist_env, init_distributed
 from .train.trainer import RESUMABLE_KEYS, TrainConfig
 
-TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainConfig)}
-
 
 def default_stages() -> list[str]:
     return [s.name for s in STAGES if s.default]
@@ -76,16 +74,16 @@ def _check_config(cfg: RunConfig, run: Path) -> None:
     path = run / "config.yaml"
     if not path.is_file():
         return
-    old, new = RunConfig.load(path).to_dict(), cfg.to_dict()
-    old["model"]["vocab_size"] = new["model"]["vocab_size"]  # filled in from the tokenizer
+    old = RunConfig.load(path)
+    old.model.vocab_size = cfg.model.vocab_size  # filled in from the tokenizer
     for stage in STAGES:
         if not (run / stage.name).exists():
             continue
-        diffs = [d for sec in stage.sections for d in _diff(old.get(sec), new.get(sec), f"{sec}.")]
+        diffs = [d for sec in stage.sections for d in _diff(getattr(old, sec), getattr(cfg, sec), f"{sec}.")]
         if diffs:
             raise GptstackError(f"{path}: the {stage.name} stage was made with another config ({'; '.join(diffs[:4])}); "
                                 f"use a new --out, the same settings, or delete {run / stage.name} to redo that stage")
-        longer = [d for sec in stage.sections for d in _diff(old.get(sec), new.get(sec), f"{sec}.", RESUMABLE_KEYS - {"steps"})]
+        longer = [d for sec in stage.sections for d in _diff(getattr(old, sec), getattr(cfg, sec), f"{sec}.", RESUMABLE_KEYS - {"steps"})]
         if longer and finished(run, stage.name):  # a finished stage would otherwise skip, training nothing
             raise GptstackError(f"{path}: the {stage.name} stage finished with other settings ({'; '.join(longer[:4])}); to "
                                 f"train on from its last checkpoint, delete {run / stage.name / 'summary.json'} (the "
@@ -93,13 +91,11 @@ def _check_config(cfg: RunConfig, run: Path) -> None:
 
 
 def _diff(a, b, prefix="", resumable=RESUMABLE_KEYS) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            if k in resumable and set(a) == TRAIN_KEYS:  # a training section's settings that a resume may change
-                continue
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.", resumable)
-        return out
+    """'key: old -> new' for every setting that differs; a training section's `resumable` settings are left out."""
+    if dataclasses.is_dataclass(a) and type(a) is type(b):
+        skip = resumable if isinstance(a, TrainConfig) else ()
+        return [d for f in dataclasses.fields(a) if f.name not in skip
+                for d in _diff(getattr(a, f.name), getattr(b, f.name), f"{prefix}{f.name}.", resumable)]
     return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
 
 

@@ -127,6 +127,16 @@ def message_list(rec: dict, path, lineno) -> list[dict]:
 
 # ---------------------------------------------------------------- prompts (PPO rollouts, comparisons)
 
+def prompt_and_system(rec: dict, path, lineno, formats: str) -> tuple[str, str | None]:
+    """A record's `prompt` (a string) and its optional `system` (a string, null or absent)."""
+    for f in ("prompt", "system"):
+        if rec.get(f) is not None and not isinstance(rec[f], str):
+            raise GptstackError(f"{where(path, lineno, f)} must be a string, got {type(rec[f]).__name__}")
+    if rec.get("prompt") is None:
+        raise GptstackError(f"{where(path, lineno, 'prompt')} missing ({formats})")
+    return rec["prompt"], rec.get("system")
+
+
 PROMPT_FORMATS = "{prompt[, system]} or {messages: [{role, content}, ...]} ending with a user turn"
 
 
@@ -138,13 +148,8 @@ def read_prompt_records(path: Path) -> list[list[dict]]:
 def prompt_messages(rec: dict, path, lineno) -> list[dict]:
     if "messages" in rec:
         out = message_list(rec, path, lineno)
-    elif "prompt" in rec:
-        for f in ("prompt", "system"):
-            if f in rec and rec[f] is not None and not isinstance(rec[f], str):
-                raise GptstackError(f"{where(path, lineno, f)} must be a string, got {type(rec[f]).__name__}")
-        out = chat_messages(rec["prompt"], rec.get("system"))
     else:
-        raise GptstackError(f"{where(path, lineno, 'prompt')} missing (prompts: {PROMPT_FORMATS})")
+        out = chat_messages(*prompt_and_system(rec, path, lineno, f"prompts: {PROMPT_FORMATS}"))
     if out[-1]["role"] != "user":
         raise GptstackError(f"{where(path, lineno, 'messages')} must end with a user turn (the prompt the policy answers)")
     return out
@@ -162,11 +167,7 @@ def read_rankings(path: Path) -> list[dict]:
 
 
 def ranking(rec: dict, path, lineno) -> dict:
-    for f in ("prompt", "system"):
-        if f in rec and rec[f] is not None and not isinstance(rec[f], str):
-            raise GptstackError(f"{where(path, lineno, f)} must be a string, got {type(rec[f]).__name__}")
-    if not isinstance(rec.get("prompt"), str):
-        raise GptstackError(f"{where(path, lineno, 'prompt')} missing (rankings: {RANKING_FORMATS})")
+    prompt_and_system(rec, path, lineno, f"rankings: {RANKING_FORMATS}")
     if "chosen" in rec or "rejected" in rec:
         for f in ("chosen", "rejected"):
             if not isinstance(rec.get(f), str):

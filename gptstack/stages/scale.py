@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,7 +39,8 @@ from .base import Context, RunConfig, Stage, run_stages
 from .scale_report import markdown, plot_scaling
 from .tokenizer import train_tokenizer
 
-COMPUTE_KINDS = ("non_embedding", "total")
+Compute = Literal["non_embedding", "total"]
+COMPUTE_KINDS = typing.get_args(Compute)
 MIN_FIT_SIZES = 3  # a fit of three constants needs three compute values
 
 
@@ -66,7 +68,7 @@ class ScaleConfig:
     target: ScaleRung = field(default_factory=lambda: ScaleRung(2, 128))  # the big run, predicted before it trains
     tokens_per_param: float = 40.0  # D = tokens_per_param x N, N without embeddings
     seeds: int = 2  # runs per fitted rung (the target runs once)
-    compute: Literal["non_embedding", "total"] = "non_embedding"  # the C the fit uses: non_embedding (Kaplan) | total (with the tied unembedding)
+    compute: Compute = "non_embedding"  # the C the fit uses: non_embedding (Kaplan) | total (with the tied unembedding)
     max_compute_ratio: float = 0.1  # every fitted rung has at most this share of the target's compute
     chinchilla_tokens_per_param: list[float] = field(default_factory=lambda: [10.0, 80.0])  # extra runs for L(N, D)
     chinchilla_rungs: int = 2  # ... of this many of the smallest rungs, one seed each
@@ -154,10 +156,6 @@ def plan(cfg: RunConfig, vocab: int | None = None) -> list[Rung]:
     """Every run of the ladder, cheapest first, the target last. Checks the ladder's promise: every fitted
     rung has at most scale.max_compute_ratio of the target's compute."""
     sc = cfg.scale
-    if sc.compute not in COMPUTE_KINDS:
-        raise GptstackError(f"config 'scale.compute' must be one of {', '.join(COMPUTE_KINDS)}, got {sc.compute!r}")
-    if sc.seeds < 1 or sc.tokens_per_param <= 0 or sc.batch_size < 1:
-        raise GptstackError("config 'scale.seeds', 'scale.tokens_per_param' and 'scale.batch_size' must be positive")
     shapes = sorted(set(_shapes(cfg)), key=lambda s: scaling.count_model(model_config(cfg, *s, vocab))["params_non_embedding"])
     if len(shapes) < MIN_FIT_SIZES:
         raise GptstackError(f"config 'scale.rungs': the fit needs at least {MIN_FIT_SIZES} model sizes, got {len(shapes)}")

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ..checkpoint import path_sha256, save_state_dict
-from ..config import to_dict
+from ..config import at_least, to_dict
 from ..errors import GptstackError
 from ..io import (append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, folder_lock, read_json,
                   read_jsonl_loose)
@@ -83,18 +83,14 @@ class TrainConfig:
 
     def problems(self):
         """Ranges, checked when the config is resolved (before any folder exists). steps 0: the stage decides."""
-        for name in ("steps", "micro_batch_size", "seq_len", "warmup_steps", "eval_every", "eval_tokens"):
-            if getattr(self, name) < 0:
-                yield name, f"must be >= 0, got {getattr(self, name)}"
+        yield from at_least(self, 0, "steps", "micro_batch_size", "seq_len", "warmup_steps", "eval_every", "eval_tokens")
         for name in ("batch_size", "log_every", "ckpt_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 yield name, f"must be at least 1, got {getattr(self, name)}"
         for name in ("lr", "eps"):
             if not 0 < getattr(self, name) < float("inf"):
                 yield name, f"must be a positive number, got {getattr(self, name)}"
-        for name in ("weight_decay", "grad_clip"):
-            if not 0 <= getattr(self, name) < float("inf"):
-                yield name, f"must be >= 0, got {getattr(self, name)}"
+        yield from at_least(self, 0, "weight_decay", "grad_clip")
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 yield name, f"must be in [0, 1], got {getattr(self, name)}"
