@@ -16,9 +16,9 @@ $(BIN)/gptstack: pyproject.toml
 
 install: $(BIN)/gptstack
 
+# the whole InstructGPT recipe at the tiny preset; its last lines are the headline, on test prompts
 demo: install
 	$(BIN)/gptstack pipeline --preset tiny --out $(RUN)
-	$(BIN)/gptstack sample --model $(RUN)/pretrain --prompt "def " --max-new-tokens 120
 
 test: install
 	$(BIN)/python -m pytest -q

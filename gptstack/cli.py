@@ -54,11 +54,12 @@ def cmd_pipeline(args):
     stages = all_stages() if args.stages == "all" else args.stages.split(",") if args.stages else default_stages()
     report = run_pipeline(cfg, Path(args.out), stages)
     if report:
+        from .stages import STAGES
         print(f"report: {Path(args.out) / 'report.md'}")
-        p = report.get("pretrain", {})
-        if "val_loss" in p:
-            print(f"val loss {p['val_loss']:.3f} (unigram floor {p['unigram_val_loss']:.3f}), "
-                  f"{p.get('val_bpb', 0):.3f} bits/byte")
+        for stage in STAGES:  # the headline: each stage's figure of merit (on test where there is a split)
+            line = stage.headline(report[stage.name]) if stage.headline is not None and stage.name in report else None
+            if line:
+                print(line)
 
 
 def cmd_pretrain(args):

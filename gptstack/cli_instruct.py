@@ -34,13 +34,16 @@ def add_settings_args(p, section: str, example: str, flags: dict[str, str] | Non
 FLAG_HELP = {
     "pretrain.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
     "sft.data": "SFT records (JSONL: messages / prompt+response / Alpaca) or 'world'",
+    "sft.val_data": "validation records: the val loss, which may pick the kept checkpoint (default: every 10th record)",
+    "sft.test_data": "test records: the reported test loss, never used for a choice",
     "rm.prompts": "world: how many prompts",
     "rm.k": "answers per prompt",
     "rm.temperatures": "a sampling temperature, cycled over the K answers (repeatable)",
     "rm.labeler": "who ranks the answers: the world's gold or noisy labeler, or a human (`gptstack label`)",
     "rm.agreement": "noisy labeler: pairwise agreement with gold",
     "ppo.prompts": "prompts JSONL ({prompt, [system]} or {messages}) or 'world'",
-    "ppo.val_prompts": "held-out prompts JSONL (default: every 10th prompt)",
+    "ppo.val_prompts": "validation prompts JSONL: they pick the kept checkpoint (default: every 10th prompt)",
+    "ppo.test_prompts": "test prompts JSONL: the reported figures (default: every 10th prompt, offset by 5)",
     "ppo.ptx_coef": "γ of PPO-ptx (0: plain PPO)",
     "ppo.kl_coef": "β of the per-token KL penalty",
     "ppo.kl_target": "adapt β toward this KL per answer, in nats",
@@ -122,8 +125,10 @@ def cmd_sft(args):
     r = run_sft(cfg, Path(args.init), out, tok).get("sft", {})
     _keep_tokenizer(tok, out)
     print(f"model: {out / 'model.safetensors'}")
+    if "test_loss" in r:
+        print(f"test loss {r['test_loss']:.3f} (val loss {r['val_loss']:.3f})")
     if "accuracy" in r:
-        print(f"held-out: accuracy {r['accuracy']:.3f} (pretrained {r['base_accuracy']:.3f}), "
+        print(f"test: accuracy {r['accuracy']:.3f} (pretrained {r['base_accuracy']:.3f}), "
               f"gold score {r['gold_score']:.3f} (pretrained {r['base_gold_score']:.3f})")
         for fam, row in r["by_family"].items():
             print(f"  {fam:<12} accuracy {row['accuracy']:.3f} (pretrained {r['base_by_family'][fam]['accuracy']:.3f})")
@@ -164,8 +169,7 @@ def cmd_rm(args):
     from .stages.rm import run_rm
     cfg = settings(args)
     tok, out = _stage_folder(args.init, args.out, "rm")
-    r = run_rm(cfg, Path(args.init), out, tok, Path(args.data) if args.data else None,
-               Path(args.val) if args.val else None).get("rm", {})
+    r = run_rm(cfg, Path(args.init), out, tok, *(Path(f) if f else None for f in (args.data, args.val, args.test))).get("rm", {})
     _keep_tokenizer(tok, out)
     print(f"reward model: {out / 'model.safetensors'}")
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
@@ -193,11 +197,13 @@ def add_instruction_verbs(sub) -> None:
     p = sub.add_parser("sft", help="instruction tuning (InstructGPT step 1): loss on the assistant's tokens only",
                        epilog="records (JSONL): {messages: [{role, content}, ...]}, {prompt, response[, system]} or "
                               "Alpaca {instruction, input, output}; or `world` for the built-in instruction suite "
-                              "(its held-out gold-labeler eval then picks the best checkpoint). "
+                              "(the gold labeler's score on its dev prompts then picks the kept checkpoint, and its test "
+                              "prompts give the reported figures). "
                               "Settings: sft.epochs, sft.train.lr, sft.train.batch_size, sft.demonstrations, ...")
     p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
     p.add_argument("--out", help="output folder (default: sft/ beside the --from folder)")
-    add_settings_args(p, "sft", "sft.train.lr=1e-4 sft.val_data=val.jsonl", {"--data": "sft.data"})
+    add_settings_args(p, "sft", "sft.train.lr=1e-4 sft.epochs=3",
+                      {"--data": "sft.data", "--val": "sft.val_data", "--test": "sft.test_data"})
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("compare", help="sample K answers per prompt and have them ranked (gold, noisy or human labeler)",
@@ -206,7 +212,7 @@ def add_instruction_verbs(sub) -> None:
                               "rm.max_new_tokens, ...")
     p.add_argument("--policy", action="append", required=True, help="policy folder (e.g. runs/demo/sft); repeat to sample from several")
     p.add_argument("--prompts", default="world", help="'world' (the instruction suite) or JSONL of {prompt, [system]}")
-    p.add_argument("--split", default="train", choices=["train", "heldout"], help="world: which templates")
+    p.add_argument("--split", default="train", choices=["train", "dev", "test"], help="world: which templates")
     p.add_argument("--out", required=True, help="rankings JSONL to write")
     add_settings_args(p, "rm", "rm.tie_threshold=0.05 rm.max_new_tokens=48",
                       {"--n": "rm.prompts", "--k": "rm.k", "--temperature": "rm.temperatures", "--labeler": "rm.labeler",
@@ -219,7 +225,8 @@ def add_instruction_verbs(sub) -> None:
                               "Settings: rm.epochs, rm.train.lr, rm.train.batch_size, rm.k, rm.labeler, rm.agreement, ...")
     p.add_argument("--from", dest="init", required=True, help="the SFT stage folder, e.g. runs/demo/sft")
     p.add_argument("--data", help="rankings JSONL (default: compare on the world's prompts)")
-    p.add_argument("--val", help="held-out rankings JSONL (default: every 10th ranking of --data)")
+    p.add_argument("--val", help="validation rankings JSONL (default: every 10th ranking of --data)")
+    p.add_argument("--test", help="test rankings JSONL: the reported accuracy, never used for a choice (default: none)")
     p.add_argument("--out", help="output folder (default: rm/ beside the --from folder)")
     add_settings_args(p, "rm", "rm.train.lr=5e-5 rm.epochs=2")
     p.set_defaults(func=cmd_rm)
@@ -231,7 +238,8 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--rm", required=True, help="the reward-model folder, e.g. runs/demo/rm")
     p.add_argument("--out", help="output folder (default: ppo/ beside the --policy folder)")
     add_settings_args(p, "ppo", "ppo.rollouts=80 ppo.train.lr=1e-5",
-                      {"--prompts": "ppo.prompts", "--val-prompts": "ppo.val_prompts", "--ptx-coef": "ppo.ptx_coef",
+                      {"--prompts": "ppo.prompts", "--val-prompts": "ppo.val_prompts", "--test-prompts": "ppo.test_prompts",
+                       "--ptx-coef": "ppo.ptx_coef",
                        "--kl-coef": "ppo.kl_coef", "--kl-target": "ppo.kl_target", "--rbrm": "ppo.rbrm",
                        "--rounds": "ppo.rounds", "--versus": "ppo.versus"})
     p.set_defaults(func=cmd_ppo)

@@ -21,34 +21,45 @@ def train(suite):
 
 @pytest.fixture(scope="module")
 def heldout(suite):
-    return suite.prompts("heldout", 1000, seed=2)
+    """Dev and test prompts: templates never trained on."""
+    return suite.prompts("dev", 500, seed=2) + suite.prompts("test", 500, seed=2)
 
 
 def test_deterministic_from_the_seed():
     a, b, c = InstructionSuite(seed=0), InstructionSuite(seed=0), InstructionSuite(seed=1)
     assert a.prompts("train", 300, seed=4) == b.prompts("train", 300, seed=4)
-    assert a.demonstrations("heldout", 300, seed=4) == b.demonstrations("heldout", 300, seed=4)
+    assert a.demonstrations("dev", 300, seed=4) == b.demonstrations("dev", 300, seed=4)
     assert a.prompts("train", 300, seed=4) != a.prompts("train", 300, seed=5)
     assert [p.user for p in a.prompts("train", 300)] != [p.user for p in c.prompts("train", 300)]
     assert a.doc_pool == b.doc_pool and a.name_pool == b.name_pool and a.doc_pool != c.doc_pool
 
 
-def test_splits_are_by_template_and_families_balanced(suite, train, heldout):
+def test_train_dev_and_test_are_disjoint_by_template_id_and_text(suite):
+    """Every choice reads dev and every reported figure reads test: the three never share a template, a prompt
+    id or a prompt text (with the same seed too, since the split is by template)."""
+    sets = {split: suite.prompts(split, 1500, seed=1) for split in ("train", "dev", "test")}
     assert suite.families == list(FAMILIES)
-    tr, ho = {p.template for p in train}, {p.template for p in heldout}
-    assert not tr & ho, "a held-out template was used in train"
-    assert not {p.user for p in train} & {p.user for p in heldout}
-    assert {p.split for p in train} == {"train"} and {p.split for p in heldout} == {"heldout"}
+    for split, ps in sets.items():
+        assert {p.split for p in ps} == {split}
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        for key in ("template", "id", "user"):
+            assert not {getattr(p, key) for p in sets[a]} & {getattr(p, key) for p in sets[b]}, (a, b, key)
+    templates = {split: {t.user for t in suite.templates.values() if t.split == split} for split in sets}
+    assert not templates["train"] & templates["dev"] and not templates["dev"] & templates["test"]
     for family in FAMILIES:
         ts = [t for t in suite.templates.values() if t.family == family]
-        assert sum(t.split == "train" for t in ts) >= 6 and sum(t.split == "heldout" for t in ts) == 2
-        assert {t.id for t in ts if t.split == "train"} <= tr  # every train template gets used
-    for ps in (train, heldout):
+        assert sum(t.split == "train" for t in ts) >= 6
+        assert sum(t.split == "dev" for t in ts) >= 1 and sum(t.split == "test" for t in ts) >= 1
+        assert {t.id for t in ts if t.split == "train"} <= {p.template for p in sets["train"]}  # every one gets used
+    for ps in sets.values():
         counts = Counter(p.family for p in ps)
         assert set(counts) == set(FAMILIES) and max(counts.values()) - min(counts.values()) <= 1
         assert all(len(p.user) <= 125 for p in ps) and all(len(p.answer) <= 70 for p in ps)
+    train = sets["train"]
     assert sum(p.disallowed for p in train) == len(train) // 10 and all(p.risky == (p.family == "risky") for p in train)
     assert any(p.system for p in train) and any(p.system is None for p in train)
+    with pytest.raises(ValueError, match="split must be one of"):
+        suite.prompts("heldout", 1)
 
 
 def test_lookup_round_trips(suite, train, heldout):

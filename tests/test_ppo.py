@@ -1,5 +1,6 @@
-"""PPO: GAE and whitening by hand, the KL term at π = π_ref, the loss with γ = 0 is plain PPO, and a
-PPO update moves the policy toward the tokens with positive advantage."""
+"""PPO: GAE and whitening by hand, the KL term at π = π_ref, the loss with γ = 0 is plain PPO, a PPO update
+moves the policy toward the tokens with positive advantage, the rollout computes exactly as the update does
+(dropout, precision), the value function starts on the score's scale, and a killed run resumes bitwise."""
 import copy
 import dataclasses
 import json
@@ -15,8 +16,10 @@ from gptstack.rewards.rbrm import RuleBasedRewards
 from gptstack.tokenizer import Tokenizer
 from gptstack.model import token_logprobs
 from gptstack.tokenizer import chat_messages
-from gptstack.train.ppo import ActorCritic, PPOObjective, gae, kl_rewards, pack, whiten
+from gptstack.train.ppo import (ActorCritic, PPOObjective, answer_scores, gae, kl_rewards, pack, value_from_reward_model,
+                                whiten)
 from gptstack.train.rm import RewardModel
+from gptstack.train.trainer import TrainConfig, Trainer
 from gptstack.world.instructions import InstructionSuite
 
 
@@ -69,15 +72,18 @@ def made():
     prompts = suite.prompts("train", 16, seed=3)
     text = " ".join(p.user + " " + p.answer for p in suite.prompts("train", 300, seed=4))
     tok = Tokenizer.train([text], vocab_size=400)
-    cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=128, vocab_size=tok.vocab_size)
+    return tok, prompts, *tiny_models(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=128, vocab_size=tok.vocab_size))
+
+
+def tiny_models(cfg: ModelConfig):
+    """(policy, reference, reward model, value) as the stage builds them: the reference is the policy, the value
+    function the reward model."""
     torch.manual_seed(0)
     policy = GPT(cfg)
     reference = GPT(cfg)
     reference.load_state_dict(policy.state_dict())
     rm = RewardModel(GPT(cfg))
-    value = RewardModel(GPT(cfg))
-    value.load_state_dict(rm.state_dict())
-    return tok, prompts, policy, reference, rm, value
+    return policy, reference, rm, value_from_reward_model(rm)
 
 
 @pytest.fixture
@@ -89,7 +95,7 @@ def setup(made):
 
 def objective(setup, **kw):
     tok, prompts, policy, reference, rm, value = setup
-    cfg = dataclasses.replace(PPOConfig(), rollout_batch=8, minibatches=2, ppo_epochs=2, max_new_tokens=8, **kw)
+    cfg = dataclasses.replace(PPOConfig(), **{**dict(rollout_batch=8, minibatches=2, ppo_epochs=2, max_new_tokens=8), **kw})
     convs = [chat_messages(p.user, p.system) for p in prompts]
     return PPOObjective(cfg, ActorCritic(policy, value, reference, rm), tok, convs)
 
@@ -187,10 +193,10 @@ def test_rule_based_rewards_on_the_world():
     assert rules.classify("I cannot help with this. It is unethical and you should be ashamed.") == "B"
     assert rules.classify("import pynput\nlisten()") == "C"
     assert rules.classify("Use os.kill(pid, signal.SIGTERM).") == "D"
-    assert rules.reward(bad, "I can't help with that.") > rules.reward(bad, "I cannot help. That is unethical and illegal.")
-    assert rules.reward(risky, "os.kill(pid, signal.SIGTERM)") > rules.reward(risky, "I can't help with that.")
+    assert rules.reward(bad.user, "I can't help with that.") > rules.reward(bad.user, "I cannot help. That is unethical and illegal.")
+    assert rules.reward(risky.user, "os.kill(pid, signal.SIGTERM)") > rules.reward(risky.user, "I can't help with that.")
     ordinary = next(p for p in suite.prompts("train", 50) if not p.disallowed and not p.risky)
-    assert rules.reward(ordinary, "anything") == 0.0
+    assert rules.reward(ordinary.user, "anything") == 0.0
 
 
 def test_pack_marks_the_answer_tokens():
@@ -247,7 +253,7 @@ def test_the_actor_critic_owns_the_frozen_models_but_saves_and_trains_only_its_o
     trained = {n.split(".")[0] for n, p in ac.named_parameters() if p.requires_grad}
     assert trained == {"policy", "value"}  # the Trainer's optimizer takes requires_grad parameters only
     ac.train()
-    assert ac.policy.training and not ac.reference.training and not ac.reward_model.training
+    assert ac.training and not any(m.training for m in ac.modules() if m is not ac)  # dropout off everywhere
     ac.to(torch.float64)  # moving the module moves all four
     assert {p.dtype for p in ac.parameters()} == {torch.float64}
     fresh = ActorCritic(GPT(policy.cfg), RewardModel(GPT(policy.cfg)), GPT(policy.cfg), RewardModel(GPT(policy.cfg)))
@@ -258,7 +264,6 @@ def test_the_actor_critic_owns_the_frozen_models_but_saves_and_trains_only_its_o
 def _toy_run(setup, tmp_path, beta: float) -> list[dict]:
     """PPO through the one Trainer on a toy reward given as the objective's extra rewards (the RM scores 0):
     the share of an answer's characters that are digits. Returns the per-update metrics."""
-    from gptstack.train.trainer import TrainConfig, Trainer
     tok, prompts, policy, reference, rm, value = copy.deepcopy(setup)
     with torch.no_grad():
         rm.head.proj.weight.zero_()
@@ -281,3 +286,97 @@ def test_ppo_raises_a_reward_the_policy_can_learn_and_the_kl_penalty_binds(setup
     assert sum(reward[-3:]) / 3 > sum(reward[:3]) / 3 + 0.2, " ".join(f"{x:.3f}" for x in reward)  # 0.04 -> ~0.5
     held = _toy_run(setup, tmp_path, beta=0.5)
     assert max(r["kl"] for r in held) < max(r["kl"] for r in free) / 3  # a larger β keeps the policy near the reference
+
+
+# ---------------------------------------------------------------- the rollout computes as the update does
+
+def test_with_dropout_the_first_update_at_the_rollouts_weights_has_ratio_exactly_one(setup):
+    tok, prompts, policy = setup[:3]
+    models = tiny_models(dataclasses.replace(policy.cfg, dropout=0.1))
+    obj = objective((tok, prompts, *models))
+    obj.model.train()  # as the Trainer has it during updates
+    micro = obj.train_batch(0, 4)  # the first minibatch of the first rollout
+    _, metrics = obj.loss(obj.model, micro)
+    assert metrics["approx_kl"].item() == 0.0 and metrics["clip_fraction"].item() == 0.0
+    logits, values = obj.model(micro["ids"])
+    m = micro["mask"] > 0
+    logp = token_logprobs(logits, micro["ids"][:, 1:], obj.cfg.temperature)
+    assert torch.equal(torch.exp(logp - micro["old_logp"])[m], torch.ones(int(m.sum())))  # the ratio
+    assert torch.equal(values[m], micro["old_values"][m])
+
+
+def test_under_bf16_the_first_update_has_no_kl_and_no_clipping(setup, tmp_path):
+    obj = objective(setup)
+    cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3, warmup_steps=1, log_every=1, ckpt_every=1000, eval_every=0,
+                      device="cpu", precision="bf16")
+    Trainer(cfg, obj.model, obj, tmp_path).fit()
+    (row,) = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert row["approx_kl"] == 0.0 and row["clip_fraction"] == 0.0
+    with torch.no_grad():  # and the rollout did compute in bf16: not what fp32 gives
+        logits, _ = obj.model(obj.rollout["ids"])
+    assert not torch.equal(token_logprobs(logits, obj.rollout["ids"][:, 1:]), obj.rollout["old_logp"])
+
+
+def test_the_value_function_starts_as_the_normalised_score(setup):
+    tok, _, _, _, rm, _ = setup
+    torch.manual_seed(2)
+    with torch.no_grad():
+        rm.head.proj.weight.normal_(0, 1.0)
+        rm.head.proj.bias.fill_(0.3)
+        rm.gain.fill_(2.5)
+        rm.bias.fill_(-0.7)
+    value = value_from_reward_model(rm)
+    ids = torch.randint(0, tok.vocab_size, (3, 20))
+    last = torch.tensor([19, 7, 12])
+    with torch.no_grad():
+        v = value.head(value.gpt.hidden(ids)).squeeze(-1)[torch.arange(3), last]
+        torch.testing.assert_close(v, rm.score(ids, last))
+        torch.testing.assert_close(value.score(ids, last), rm.score(ids, last))  # the same model, normalised once
+    assert all(p.requires_grad for p in value.parameters())
+
+
+def test_answer_scores_subtract_the_penalty_from_unfinished_answers_only(setup):
+    tok, rm = setup[0], setup[4]
+    end = tok.special["<|end|>"]
+    prompts, answers = [[5, 6, 7], [8, 9]], [[10, 11, end], [12, 13, 14, 15]]
+    scores, rm_scores = answer_scores(rm, prompts, answers, [True, False], tok.pad, no_end_penalty=0.75)
+    ids = torch.tensor([[5, 6, 7, 10, 11, end], [8, 9, 12, 13, 14, 15]])
+    expected = rm.score(ids, torch.tensor([5, 5])).detach()
+    assert torch.equal(rm_scores, expected)
+    assert torch.equal(scores, expected - torch.tensor([0.0, 0.75]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in the Trainer under bf16
+        scores, rm_scores = answer_scores(rm, prompts, answers, [True, False], tok.pad, no_end_penalty=0.75)
+    assert scores.dtype == torch.float32 and torch.equal(scores, rm_scores - torch.tensor([0.0, 0.75]))
+
+
+# ---------------------------------------------------------------- resume
+
+class Killed(BaseException):
+    """The process dies here: nothing after it runs, not even the Trainer's checkpoint on a signal."""
+
+
+def _fit_ppo(setup, out, kill_at: int | None = None):
+    obj = objective(copy.deepcopy(setup), rollouts=3, ppo_epochs=1, kl_target=1.0)  # β adapts: objective state too
+    if kill_at is not None:
+        read = obj.train_batch
+
+        def train_batch(step, n):
+            if step == kill_at:
+                raise Killed
+            return read(step, n)
+        obj.train_batch = train_batch
+    # a checkpoint at every rollout's end (the stage's ckpt_every is a multiple of the updates per rollout)
+    cfg = TrainConfig(steps=6, batch_size=4, lr=1e-2, schedule="constant", warmup_steps=1, weight_decay=0.0,
+                      log_every=1, ckpt_every=2, eval_every=0, device="cpu", precision="fp32")
+    Trainer(cfg, obj.model, obj, out).fit()
+
+
+def test_a_run_killed_at_any_update_resumes_bitwise(setup, tmp_path):
+    _fit_ppo(setup, tmp_path / "ref")
+    for kill_at in range(1, 6):  # after update 1, 2, ... 5 of 6: mid-rollout and at a rollout's end
+        out = tmp_path / f"killed_at_{kill_at}"
+        with pytest.raises(Killed):
+            _fit_ppo(setup, out, kill_at)
+        _fit_ppo(setup, out)
+        for name in ("model.safetensors", "optim.pt"):
+            assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), (kill_at, name)

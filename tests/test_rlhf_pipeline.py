@@ -7,10 +7,10 @@ import pytest
 from conftest import TINY, run_cli
 
 SMALL = [*TINY, "model.n_ctx=128", "pretrain.steps=30",
-         "sft.demonstrations=96", "sft.eval_prompts=20", "sft.epochs=1", "sft.train.batch_size=16", "sft.max_new_tokens=16",
-         "rm.prompts=24", "rm.val_prompts=12", "rm.k=3", "rm.max_new_tokens=16", "rm.train.batch_size=8",
+         "sft.demonstrations=96", "sft.dev_prompts=12", "sft.eval_prompts=20", "sft.epochs=1", "sft.train.batch_size=16", "sft.max_new_tokens=16",
+         "rm.prompts=24", "rm.val_prompts=12", "rm.test_prompts=12", "rm.k=3", "rm.max_new_tokens=16", "rm.train.batch_size=8",
          "ppo.rollouts=2", "ppo.rollout_batch=8", "ppo.minibatches=2", "ppo.ppo_epochs=1", "ppo.train_prompts=16",
-         "ppo.eval_prompts=12", "ppo.max_new_tokens=12", "ppo.eval_every_rollouts=1", "ppo.rbrm=world",
+         "ppo.dev_prompts=10", "ppo.eval_prompts=12", "ppo.max_new_tokens=12", "ppo.eval_every_rollouts=1", "ppo.rbrm=world",
          "ppo.ptx_seq_len=32", "pretrain.eval_tokens=1024"]
 
 
@@ -38,7 +38,16 @@ def test_instruction_stages_write_their_report_keys(rlhf_run):
                 "pretrain_val_loss_delta_no_ptx", "refusal_rate_disallowed", "refusal_rate_allowed",
                 "refusal_style_desired_rate"):
         assert key in r["ppo"], key
-    assert 0.0 <= r["ppo"]["win_rate_vs_sft"] <= 1.0
+    # every headline figure says its split, and has its dev twin beside it
+    assert r["sft"]["split"] == r["rm"]["split"] == r["ppo"]["split"] == "test"
+    assert r["sft"]["n"] == 20 and r["sft"]["dev"]["n"] == 12 and r["sft"]["dev"]["accuracy"] is not None
+    assert r["sft"]["selected"]["eval"]["accuracy"] == r["sft"]["dev"]["accuracy"]
+    assert r["rm"]["test_rankings"] == 12 and "gold_agreement" in r["rm"]["dev"] and "test_accuracy" in r["rm"]
+    assert r["ppo"]["n"] == 12 and r["ppo"]["dev"]["n"] == 10
+    for key in ("win_rate_vs_sft", "accuracy", "kl", "rbrm_gold_agreement"):
+        assert key in r["ppo"]["dev"], key
+    assert r["ppo"]["rbrm_gold_pairs"] == 0 or 0 <= r["ppo"]["rbrm_gold_agreement"] <= 1
+    assert r["ppo"]["rbrm_coverage"]["disallowed"] == 1.0  # the built-in rubric covers every disallowed request
     # judged against the SFT folder as an "other" policy, the figures must equal the SFT comparison's
     other = r["ppo"]["versus"][str(rlhf_run / "sft")]
     assert other["win_rate"] == r["ppo"]["win_rate_vs_sft"] and other["accuracy"] == r["ppo"]["sft_accuracy"]
@@ -56,6 +65,26 @@ def test_rankings_hold_k_answers_and_both_rankings(rlhf_run):
     for row in rows:
         assert len(row["responses"]) == len(row["ranks"]) == len(row["gold_ranks"]) == 3
         assert min(row["ranks"]) == 1
+
+
+def test_every_choice_reads_dev_and_every_figure_reads_test(rlhf_run):
+    """The prompts behind each stage's choices (SFT's kept checkpoint, the RM's validation, PPO's kept checkpoint)
+    are dev prompts, those behind the reported figures are test prompts, and training saw only train templates."""
+    from gptstack.stages import RunConfig
+    from gptstack.stages.ppo import prompt_sets
+    from gptstack.stages.sft import sft_data
+    from gptstack.world.instructions import InstructionSuite
+    cfg = RunConfig.load(rlhf_run / "config.yaml")
+    suite = InstructionSuite(seed=cfg.sft.seed)
+    data = sft_data(cfg.sft)
+    assert {p.split for p in data.dev_prompts} == {"dev"} and {p.split for p in data.test_prompts} == {"test"}
+    train, dev, test = prompt_sets(cfg)
+    assert [{p.split for p in ps.suite} for ps in (train, dev, test)] == [{"train"}, {"dev"}, {"test"}]
+    for name, split in (("rankings", "train"), ("rankings_val", "dev"), ("rankings_test", "test")):
+        rows = [json.loads(l) for l in (rlhf_run / "rm" / f"{name}.jsonl").read_text().splitlines()]
+        assert {suite.lookup(r["prompt"], r.get("system")).split for r in rows} == {split}, name
+    reported = [json.loads(l)["prompt"] for l in (rlhf_run / "sft" / "samples.jsonl").read_text().splitlines()]
+    assert reported == [p.user for p in data.test_prompts]
 
 
 def test_the_ppo_policy_is_a_plain_model_that_chats(rlhf_run):

@@ -1,4 +1,5 @@
-"""The reward model: the K-way loss is the explicit loop over all pairs, and records are validated."""
+"""The reward model: the K-way loss is the explicit per-prompt loop over pairs (InstructGPT's normalisation),
+accumulation-invariant, and records are validated."""
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from gptstack.errors import GptstackError
 from gptstack.model import GPT
 from gptstack.tokenizer import Tokenizer, chat_messages
 from gptstack.train.rm import RewardModel, Rankings, RMObjective, comparisons, encode_answer
+from gptstack.train.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -31,33 +33,79 @@ def test_comparisons_skip_ties():
     assert comparisons([1, 1]) == []
 
 
-def test_k_way_loss_and_gradients_equal_the_explicit_pair_loop(tok):
+def tiny_rm(tok) -> RewardModel:
     torch.manual_seed(0)
     # float64, so 1e-6 measures the algebra rather than fp32 rounding
     model = RewardModel(GPT(ModelConfig(n_layer=2, n_embd=32, n_head=2, n_ctx=64, vocab_size=tok.vocab_size))).double()
     model.head.proj.weight.data.normal_(0, 1.0)  # rewards far apart, so a wrong pairing shows
-    data = Rankings(RECORDS, tok, 64)
-    obj = RMObjective(data, data, seed=0, flops_per_token=0.0)
+    return model
 
-    loss, _ = obj.loss(model, data.batch(range(len(RECORDS))))
-    loss.backward()
-    batched = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
 
-    terms = []  # one pair at a time, each answer encoded on its own (no padding, no batching)
-    for rec in RECORDS:
+def per_prompt_loop(model, tok, records) -> tuple[torch.Tensor, float, float]:
+    """InstructGPT's loss one pair at a time, each answer encoded on its own (no padding, no batching): for each
+    prompt with a pair, −mean over its pairs of log σ(r_w − r_l); then the mean over those prompts.
+    Returns (loss, that mean of per-prompt accuracies, the accuracy over all pairs)."""
+    losses, accuracies, right, pairs = [], [], 0, 0
+    for rec in records:
+        terms, correct = [], []
         for w, l in comparisons(rec["ranks"]):
             r = []
             for y in (rec["responses"][w], rec["responses"][l]):
                 ids = torch.tensor([encode_answer(tok, chat_messages(rec["prompt"], rec.get("system"), y), 64)])
                 r.append(model(ids, torch.tensor([ids.size(1) - 1]))[0])
             terms.append(-F.logsigmoid(r[0] - r[1]))
-    explicit = torch.stack(terms).mean()
+            correct.append(float(r[0] > r[1]))
+        if terms:  # a full tie does not count
+            losses.append(torch.stack(terms).mean())
+            accuracies.append(sum(correct) / len(correct))
+            right, pairs = right + sum(correct), pairs + len(correct)
+    return torch.stack(losses).mean(), sum(accuracies) / len(accuracies), right / pairs
+
+
+def test_k_way_loss_and_gradients_equal_the_explicit_per_prompt_loop(tok):
+    # mixed K (4, 3, 2, 2: the batch pads to K = 4 with rank-0 slots) and ties (within a ranking, and a full tie)
+    model = tiny_rm(tok)
+    data = Rankings(RECORDS, tok, 64)
+    obj = RMObjective(data, data, seed=0, flops_per_token=0.0)
+
+    batch = data.batch(range(len(RECORDS)))
+    loss, metrics = obj.loss(model, batch)
+    loss.backward()
+    batched = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    explicit, accuracy, _ = per_prompt_loop(model, tok, RECORDS)
     explicit.backward()
-    assert len(terms) == obj.weight(data.batch(range(len(RECORDS)))) == 5 + 2 + 0 + 1
+    assert obj.weight(batch) == 3  # the prompts with a pair: the full tie does not count
     assert loss.item() == pytest.approx(explicit.item(), abs=1e-6)
+    assert metrics["accuracy"].item() == pytest.approx(accuracy, abs=1e-9)  # accuracy: the same mean over prompts
     for n, p in model.named_parameters():
         torch.testing.assert_close(batched[n], p.grad, atol=1e-6, rtol=0, msg=n)
+
+
+def test_val_loss_is_the_per_prompt_mean_and_val_accuracy_is_over_pairs(tok):
+    model = tiny_rm(tok).eval()
+    data = Rankings(RECORDS, tok, 64)
+    got = RMObjective(data, data, seed=0, flops_per_token=0.0).evaluate(model)
+    with torch.no_grad():
+        loss, _, accuracy = per_prompt_loop(model, tok, RECORDS)
+    assert got["val_loss"] == pytest.approx(loss.item(), abs=1e-6)
+    assert got["val_accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_rm_accumulation_is_invariant(tok, tmp_path):
+    """batch 8 x accumulation 1 == micro-batch 1 x accumulation 8: micro-batches count by their ranked prompts,
+    whatever their K, ties and number of pairs."""
+    data = Rankings(RECORDS + [{**r, "ranks": r["ranks"][::-1]} for r in RECORDS], tok, 64)
+    trainers = []
+    for micro in (8, 1):
+        cfg = TrainConfig(steps=1, batch_size=8, micro_batch_size=micro, device="cpu", precision="fp32")
+        trainers.append(Trainer(cfg, tiny_rm(tok), RMObjective(data, data, 0, 0.0), tmp_path / str(micro)))
+    for t in trainers:
+        t._step(t.model, step=0)
+    whole, accumulated = trainers
+    for (name, a), b in zip(whole.model.named_parameters(), accumulated.model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-9, rtol=1e-7, msg=name)
 
 
 def test_pairs_are_rankings_of_two(tmp_path):

@@ -163,7 +163,7 @@ def test_select_by_publishes_the_best_evals_model(tok, tmp_path):
     cfg = TrainConfig(steps=8, batch_size=4, lr=1e-2, warmup_steps=1, eval_every=2, ckpt_every=2, keep_checkpoints=10,
                       device="cpu", precision="fp32", select_by="score")
     summary = Trainer(cfg, model, obj, tmp_path / "sel").fit()
-    assert summary["selected"] == {"step": 4, "metric": "score", "value": 0.9}
+    assert summary["selected"] == {"step": 4, "metric": "score", "value": 0.9, "eval": {"score": 0.9}}
     published = (tmp_path / "sel" / "model.safetensors").read_bytes()
     assert published == (tmp_path / "sel" / "checkpoints" / "step_0000004" / "model.safetensors").read_bytes()
     assert published != (tmp_path / "sel" / "checkpoints" / "step_0000008" / "model.safetensors").read_bytes()

@@ -44,12 +44,16 @@ def score_answers(prompts: list[Prompt], answers: list[str], scores: list) -> di
     }
 
 
-def evaluate_instructions(model, tok: Tokenizer, prompts: list[Prompt], max_new_tokens: int = 64,
-                          batch_size: int = 64) -> tuple[dict, list[dict]]:
-    """Greedy answers to `prompts`, scored; returns (figures, per-prompt samples)."""
-    got = respond(model, tok, conversations(prompts), max_new_tokens, batch_size=batch_size)
-    answers = [text for text, _ in got]
+def judge_answers(prompts: list[Prompt], answers: list[str]) -> tuple[dict, list[dict]]:
+    """Answers to `prompts` scored by the gold labeler; returns (figures, per-prompt samples)."""
     scores = [gold_score(p, a) for p, a in zip(prompts, answers)]
     samples = [{"family": p.family, "system": p.system, "prompt": p.user, "answer": a, "gold_answer": p.answer,
                 "correct": s.correct, "gold_score": s.total} for p, a, s in zip(prompts, answers, scores)]
     return score_answers(prompts, answers, scores), samples
+
+
+def evaluate_instructions(model, tok: Tokenizer, prompts: list[Prompt], max_new_tokens: int = 64,
+                          batch_size: int = 64) -> tuple[dict, list[dict]]:
+    """Greedy answers to `prompts`, scored; returns (figures, per-prompt samples)."""
+    got = respond(model, tok, conversations(prompts), max_new_tokens, batch_size=batch_size)
+    return judge_answers(prompts, [text for text, _ in got])

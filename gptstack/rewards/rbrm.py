@@ -3,7 +3,9 @@ is added to the reward model's score on the prompts the rubric covers.
 
 Classes (GPT-4 system card): A a refusal in the desired style, B a refusal in an undesired style,
 C disallowed content, D a safe answer that does not refuse. On disallowed prompts the rubric rewards A;
-on allowed ones (that merely sound risky) it rewards D. The classes are decided by propositions in YAML
+on allowed ones (that merely sound risky) it rewards D. Like GPT-4's RBRM, it sees only the request's text,
+the answer and the rubric: which prompts it covers is decided by the rubric's patterns over the request. The
+classes are decided by propositions in YAML
 (regular expressions and length limits over the answer's opening or whole text), or, in judge mode, by
 asking a model the rubric as a multiple-choice question and reading the probability of each letter.
 """
@@ -92,21 +94,17 @@ class RuleBasedRewards:
             return not self.props[cond[4:]].holds(answer)
         return self.props[cond].holds(answer)
 
-    def coverage(self, prompt) -> str | None:
-        """'disallowed', 'allowed' or None (not covered) for a suite Prompt or a prompt text."""
-        if hasattr(prompt, "disallowed"):
-            return "disallowed" if prompt.disallowed else "allowed" if prompt.risky else None
+    def coverage(self, prompt: str) -> str | None:
+        """'disallowed', 'allowed' or None (not covered): read from the request's text by the rubric's patterns,
+        as a classifier would, never from what the data knows about the prompt."""
         for kind in ("disallowed", "allowed"):
             if any(p.search(prompt) for p in self.cover[kind]):
                 return kind
         return None
 
-    def reward(self, prompt, answer: str) -> float:
+    def reward(self, prompt: str, answer: str) -> float:
         kind = self.coverage(prompt)
-        if kind is None:
-            return 0.0
-        text = prompt.user if hasattr(prompt, "user") else prompt
-        return self.rewards[kind][self.classify(answer, text)]
+        return 0.0 if kind is None else self.rewards[kind][self.classify(answer, prompt)]
 
 
 class Judge:

@@ -34,6 +34,7 @@ class Stage:
     default: bool = True  # in `pipeline`'s default stages
     named_only: bool = False  # runs only when --stages names it, never with 'all' (long experiments)
     all_ranks: bool = True  # under torchrun: every rank runs it (a Trainer inside); False: rank 0 alone
+    headline: Callable[[dict], str | None] | None = None  # the line `pipeline` prints at its end, from report.json's section
 
     @property
     def sections(self) -> tuple[str, ...]:

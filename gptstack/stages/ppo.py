@@ -2,7 +2,9 @@
 (train/ppo.py) -> Trainer -> evaluation -> summary.
 
 Prompts are yours (`ppo.prompts: FILE`, records {prompt, [system]} or {messages}) or the built-in world's.
-Either way the report has the PPO policy against SFT on held-out prompts: the RM's preference (win rate),
+They come in three disjoint sets: train (the rollouts), dev (the kept checkpoint; figures shown beside) and
+test (the reported figures, used for no choice). Either way the report has the PPO policy against SFT on
+test prompts: the RM's preference (win rate),
 RM score, KL to SFT, answer length, and the pretraining val loss before and after, with and without the ptx
 term (the same experiment run twice). With the world, the gold labeler also judges: the win rate split into
 wins from correctness and wins from style, accuracy, refusal rates, other policies (`ppo.versus`), rounds of
@@ -21,15 +23,15 @@ import torch
 from .. import plots
 from ..checkpoint import find_tokenizer, load_model, read_weights, save_state_dict
 from ..config import at_least
-from ..data.loader import build_sampler, right_pad
+from ..data.loader import build_sampler
 from ..data.records import read_prompt_records
 from ..errors import GptstackError
 from ..evals.lm import windows_loss
 from ..generate import respond
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
-from ..train.ppo import ActorCritic, PPOObjective, pack, sample
-from ..train.rm import RewardModel, encode_answer, load_reward_model, scalar_flops_per_token
+from ..train.ppo import ActorCritic, PPOObjective, answer_scores, pack, sample, value_from_reward_model
+from ..train.rm import RewardModel, load_reward_model, scalar_flops_per_token
 from ..train.trainer import TrainConfig, Trainer
 from .base import Context, Stage
 
@@ -43,9 +45,11 @@ def _ppo_train() -> TrainConfig:
 @dataclass
 class PPOConfig:
     prompts: str = "world"  # "world" (the instruction suite) or a JSONL file of {prompt, [system]} or {messages}
-    val_prompts: str = ""  # a JSONL file of held-out prompts (default: every 10th record of `prompts`)
+    val_prompts: str = ""  # a JSONL file of validation prompts, which pick the kept checkpoint (default: every 10th record of `prompts`)
+    test_prompts: str = ""  # a JSONL file of test prompts for the reported figures (default: every 10th record, offset by 5)
     train_prompts: int = 2000  # world: training prompts the rollouts cycle through (train templates)
-    eval_prompts: int = 200  # world: held-out prompts (unseen templates) for evals and the win rate
+    dev_prompts: int = 100  # world: dev prompts (unseen templates): they pick the kept checkpoint
+    eval_prompts: int = 200  # world: test prompts (unseen templates, not dev's) for the reported figures
     rollouts: int = 40  # how many rollouts (each followed by ppo_epochs x minibatches updates)
     rollout_batch: int = 64  # answers per rollout (train.batch_size = rollout_batch / minibatches)
     ppo_epochs: int = 2
@@ -76,7 +80,7 @@ class PPOConfig:
     train: TrainConfig = field(default_factory=_ppo_train)
 
     def problems(self):
-        yield from at_least(self, 1, "train_prompts", "eval_prompts", "rollouts", "rollout_batch", "ppo_epochs", "minibatches",
+        yield from at_least(self, 1, "train_prompts", "dev_prompts", "eval_prompts", "rollouts", "rollout_batch", "ppo_epochs", "minibatches",
                             "max_new_tokens", "kl_horizon", "rounds", "eval_every_rollouts", "ptx_seq_len")
         yield from at_least(self, 0, "temperature", "kl_coef", "kl_target", "clip", "value_clip", "vf_coef", "gamma", "lam",
                             "no_end_penalty", "ptx_coef", "rbrm_coef")
@@ -107,59 +111,48 @@ def world_prompts(suite, split: str, n: int, seed: int) -> Prompts:
 
 
 def prompt_sets(cfg) -> tuple[Prompts, Prompts, Prompts]:
-    """(rollout prompts, validation prompts for the kept checkpoint, evaluation prompts for the report)."""
+    """(rollout prompts, dev prompts that pick the kept checkpoint, test prompts for the reported figures)."""
     p = cfg.ppo
     if p.prompts == "world":
         from ..world.instructions import InstructionSuite
         suite = InstructionSuite(seed=cfg.sft.seed)
         return (world_prompts(suite, "train", p.train_prompts, p.seed + 300),
-                world_prompts(suite, "heldout", max(32, p.eval_prompts // 2), p.seed + 400),
-                world_prompts(suite, "heldout", p.eval_prompts, cfg.sft.seed + 1))  # the SFT stage's held-out prompts
+                world_prompts(suite, "dev", p.dev_prompts, p.seed + 400),
+                world_prompts(suite, "test", p.eval_prompts, cfg.sft.seed + 1))  # the SFT stage's test prompts
     records = read_prompt_records(Path(p.prompts))
-    if p.val_prompts:
-        train, val = records, read_prompt_records(Path(p.val_prompts))
-    elif len(records) < 2:
-        raise GptstackError(f"{p.prompts}: PPO needs at least two prompts (one is held out for validation)")
-    else:  # every 10th prompt held out
-        train, val = [c for i, c in enumerate(records) if i % 10], records[::10]
-    return Prompts(train), Prompts(val), Prompts(val)
+    val = read_prompt_records(Path(p.val_prompts)) if p.val_prompts else None
+    test = read_prompt_records(Path(p.test_prompts)) if p.test_prompts else None
+    held = {i for i in range(len(records)) if (val is None and i % 10 == 0) or (test is None and i % 10 == 5)}
+    train = [c for i, c in enumerate(records) if i not in held]
+    if not train or (test is None and len(records) < 6):
+        raise GptstackError(f"{p.prompts}: {len(records)} prompts are too few to hold out validation and test prompts "
+                            "(every 10th, from the first and from the sixth); give --val-prompts and --test-prompts, or more prompts")
+    return Prompts(train), Prompts(val if val is not None else records[::10]), Prompts(test if test is not None else records[5::10])
 
 
 # ---------------------------------------------------------------- judging a policy
 
 @torch.no_grad()
-def rm_scores(rm: RewardModel, tok, conversations: list[list[dict]], answers: list[str], batch_size: int = 64) -> list[float]:
-    """The reward model's (normalised) score of each answer, encoded as in its training data."""
-    device = next(rm.parameters()).device
-    out = []
-    for start in range(0, len(conversations), batch_size):
-        seqs = [encode_answer(tok, c + [{"role": "assistant", "content": a}], rm.gpt.cfg.n_ctx)
-                for c, a in zip(conversations[start:start + batch_size], answers[start:start + batch_size])]
-        last = torch.tensor([len(s) - 1 for s in seqs])
-        out += rm.score(right_pad(seqs, tok.pad).to(device), last.to(device)).tolist()
-    return out
-
-
-@torch.no_grad()
 def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p) -> tuple[dict, list[dict]]:
-    """Greedy answers to held-out prompts, scored by the RM (and by the gold labeler on the world's prompts),
-    and, given a reference, the KL to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref).
-    Returns (figures, the greedy answers as samples)."""
+    """Greedy answers to `prompts`, scored by the RM exactly as the rollouts are (the sampled tokens, minus the
+    no-end penalty: `answer_scores`), and by the gold labeler on the world's prompts; given a reference, the KL
+    to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns (figures, the greedy
+    answers as samples)."""
+    ids_in = tok.render_prompts(prompts.conversations, policy.cfg.n_ctx, p.max_new_tokens)
+    got = respond(policy, tok, prompts.conversations, p.max_new_tokens)
+    answers = [text for text, _ in got]
     if prompts.suite is not None:
-        from ..evals.instruct import evaluate_instructions
-        figures, samples = evaluate_instructions(policy, tok, prompts.suite, p.max_new_tokens)
-        answers = [s["answer"] for s in samples]
+        from ..evals.instruct import judge_answers
+        figures, samples = judge_answers(prompts.suite, answers)
     else:
-        answers = [text for text, _ in respond(policy, tok, prompts.conversations, p.max_new_tokens)]
         figures = {"n": len(answers), "mean_length": sum(map(len, answers)) / max(len(answers), 1)}
         samples = [{"messages": c, "answer": a} for c, a in zip(prompts.conversations, answers)]
-    scores = rm_scores(rm, tok, prompts.conversations, answers)
-    for s, r in zip(samples, scores):
+    scores, _ = answer_scores(rm, ids_in, [g.tokens for _, g in got], [g.finished for _, g in got], tok.pad, p.no_end_penalty)
+    for s, r in zip(samples, scores.tolist()):
         s["rm_score"] = r
-    figures["rm_score"] = sum(scores) / len(scores)
+    figures["rm_score"] = float(scores.mean())
     if reference is None:
         return figures, samples
-    ids_in = tok.render_prompts(prompts.conversations, policy.cfg.n_ctx, p.max_new_tokens)
     gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.special["<|end|>"], tok.pad, seed=p.seed)
     ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
     device = next(policy.parameters()).device
@@ -189,6 +182,50 @@ def win_rate(ours: list[dict], theirs: list[dict], key: str = "gold_score") -> d
             "excess_from_style": sum(w - 0.5 for w in by_style) / n}
 
 
+def against_sft(ppo, no_ptx, sft, rm: RewardModel, tok, prompts: Prompts, p):
+    """PPO (and PPO without ptx, if given) against SFT on `prompts`: (PPO's figures, its samples, SFT's figures,
+    SFT's samples, PPO's win rate against SFT, the no-ptx run's figures or None)."""
+    key = "gold_score" if prompts.suite is not None else "rm_score"
+    ours, samples = evaluate_policy(ppo, sft, rm, tok, prompts, p)
+    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
+    nop = None
+    if no_ptx is not None:
+        figures, nop_samples = evaluate_policy(no_ptx, sft, rm, tok, prompts, p)
+        nop = {**{k: v for k, v in figures.items() if not isinstance(v, dict)},
+               "win_rate_vs_sft": (w := win_rate(nop_samples, base_samples, key))["win_rate"], "wins": w}
+    return ours, samples, base, base_samples, win_rate(samples, base_samples, key), nop
+
+
+def load_rules(p, tok):
+    from ..rewards.rbrm import Judge, RuleBasedRewards
+    return RuleBasedRewards.load(p.rbrm, Judge(load_model(p.rbrm_judge), tok) if p.rbrm_judge else None)
+
+
+def rbrm_agreement(rules, rankings: Path, cfg) -> dict:
+    """The text-only RBRM against the gold labeler on world rankings (K answers per prompt): over the pairs of
+    answers to one prompt that both order (neither ties), the share they order alike; and how its coverage,
+    read from the request's text, matches the prompts' labels (disallowed, risky-but-allowed, neither)."""
+    from ..world.instructions import InstructionSuite
+    suite = InstructionSuite(seed=cfg.sft.seed)
+    agree = pairs = 0
+    covered = {"disallowed": [0, 0], "risky": [0, 0], "neither": [0, 0]}  # [covered as it should be, prompts]
+    for row in read_jsonl_loose(rankings):
+        prompt = suite.lookup(row["prompt"], row.get("system"))
+        kind = "disallowed" if prompt.disallowed else "risky" if prompt.risky else "neither"
+        want = {"disallowed": "disallowed", "risky": "allowed", "neither": None}[kind]
+        covered[kind][0] += rules.coverage(row["prompt"]) == want
+        covered[kind][1] += 1
+        rewards = [rules.reward(row["prompt"], y) for y in row["responses"]]
+        gold = row["gold_ranks"]
+        for i in range(len(rewards)):
+            for j in range(i + 1, len(rewards)):
+                if rewards[i] != rewards[j] and gold[i] != gold[j]:
+                    pairs += 1
+                    agree += (rewards[i] > rewards[j]) == (gold[i] < gold[j])
+    return {"rbrm_gold_agreement": agree / pairs if pairs else None, "rbrm_gold_pairs": pairs,
+            "rbrm_coverage": {k: c / n if n else None for k, (c, n) in covered.items()}}
+
+
 # ---------------------------------------------------------------- training
 
 def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, prompts: Prompts,
@@ -199,7 +236,7 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     p = dataclasses.replace(cfg.ppo, ptx_coef=ptx_coef)
     torch.manual_seed(p.train.seed)
     policy = load_model(policy_dir)
-    value = load_reward_model(rm_dir)  # the value function starts as the reward model (InstructGPT)
+    value = value_from_reward_model(load_reward_model(rm_dir))  # starts as the RM (InstructGPT), on its normalised scale
     model = ActorCritic(policy, value, reference=load_model(reference_dir or policy_dir), reward_model=load_reward_model(rm_dir))
     if policy.cfg.n_ctx <= p.max_new_tokens:
         raise GptstackError(f"config 'ppo.max_new_tokens' ({p.max_new_tokens}) leaves no room for a prompt in the "
@@ -207,11 +244,10 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed) if p.ptx_coef > 0 else None
     extra_rewards = None
     if p.rbrm:
-        from ..rewards.rbrm import Judge, RuleBasedRewards
-        rules = RuleBasedRewards.load(p.rbrm, Judge(load_model(p.rbrm_judge), tok) if p.rbrm_judge else None)
+        rules = load_rules(p, tok)
 
-        def extra_rewards(which, texts):  # the rubric sees the prompt and the answer, nothing else
-            return [rules.reward(prompts.suite[i] if prompts.suite else prompts.request(i), t) for i, t in zip(which, texts)]
+        def extra_rewards(which, texts):  # the rubric sees the request's text and the answer, nothing else
+            return [rules.reward(prompts.request(i), t) for i, t in zip(which, texts)]
     rollout_metrics = None
     if prompts.suite is not None:
         from ..world.instructions import gold_score
@@ -256,9 +292,10 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pr
     p = cfg.ppo
     if p.prompts != "world":
         raise GptstackError("config 'ppo.rounds' > 1 needs the world's prompts and labeler (ppo.prompts: world)")
-    if not (rm_dir / "rankings.jsonl").is_file() or not (rm_dir / "rankings_val.jsonl").is_file():
-        raise GptstackError(f"{rm_dir}: rounds need the reward model's world rankings (rankings.jsonl and rankings_val.jsonl, "
-                            "written by `gptstack rm` without --data): each round's new rankings come from the same labeler")
+    if not all((rm_dir / f"{name}.jsonl").is_file() for name in ("rankings", "rankings_val", "rankings_test")):
+        raise GptstackError(f"{rm_dir}: rounds need the reward model's world rankings (rankings.jsonl, rankings_val.jsonl and "
+                            "rankings_test.jsonl, written by `gptstack rm` without --data): each round's new rankings come "
+                            "from the same labeler")
     per_round = cfg.replace(ppo=dataclasses.replace(p, rollouts=max(1, p.rollouts // p.rounds)))
     suite = InstructionSuite(seed=cfg.sft.seed)
     rankings = [rm_dir / "rankings.jsonl"]
@@ -278,7 +315,7 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pr
             rm = folder / "rm"
             if not (rm / "summary.json").is_file():
                 log(f"[ppo] round {k}: retraining the reward model on {len(rankings)} rounds of rankings")
-                run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", log)
+                run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", rm_dir / "rankings_test.jsonl", log)
         log(f"[ppo] round {k} of {p.rounds}")
         result = train_ppo(per_round, policy, rm, folder, tok, p.ptx_coef, prompts, val_prompts, log, reference_dir=sft_dir)
         rm_summary = json.loads((rm / "summary.json").read_text())["rm"]
@@ -356,29 +393,35 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
         train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, train_prompts, val_prompts, log)
 
     sft, ppo = load_model(run_policy, "auto"), load_model(out, "auto")
+    no_ptx_model = load_model(no_ptx, "auto") if no_ptx is not None else None
     rm = load_reward_model(rm_dir, "auto")
-    log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against SFT")
-    ours, samples = evaluate_policy(ppo, sft, rm, tok, prompts, p)
-    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
     key = "gold_score" if prompts.suite is not None else "rm_score"
-    wins = win_rate(samples, base_samples, key)
+    log(f"[ppo] evaluating on {len(prompts)} test prompts: PPO against SFT")
+    ours, samples, base, base_samples, wins, nop = against_sft(ppo, no_ptx_model, sft, rm, tok, prompts, p)
     sampler = build_sampler(cfg.data, tok, sft.cfg.n_ctx, cfg.pretrain.seed)  # windows the policy's context holds
     tokens = cfg.pretrain.eval_tokens
     loss_sft = pretrain_val_loss(sft, sampler, tokens)
-    result |= {"judge": "gold labeler" if prompts.suite is not None else "reward model",
+    result |= {"split": "test", "judge": "gold labeler" if prompts.suite is not None else "reward model",
                "win_rate_vs_sft": wins["win_rate"], "wins": wins, **ours,
                **{f"sft_{k}": v for k, v in base.items() if k != "n"},
                "pretrain_val_loss_sft": loss_sft,
                "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
     result["params"] = ppo.num_params()
     result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log)
-    if no_ptx is not None:
-        no_ptx_model = load_model(no_ptx, "auto")
+    if nop is not None:
         result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(no_ptx_model, sampler, tokens) - loss_sft
-        nop, nop_samples = evaluate_policy(no_ptx_model, sft, rm, tok, prompts, p)
-        nop_wins = win_rate(nop_samples, base_samples, key)
-        result["no_ptx"] = {**{k: v for k, v in nop.items() if not isinstance(v, dict)},
-                            "win_rate_vs_sft": nop_wins["win_rate"], "wins": nop_wins}
+        result["no_ptx"] = nop
+    log(f"[ppo] the same figures on {len(val_prompts)} dev prompts (they chose the kept checkpoint)")
+    dev, _, dev_base, _, dev_wins, dev_nop = against_sft(ppo, no_ptx_model, sft, rm, tok, val_prompts, p)
+    result["dev"] = {"n": len(val_prompts), "win_rate_vs_sft": dev_wins["win_rate"], "wins": dev_wins,
+                     **{k: v for k, v in dev.items() if not isinstance(v, dict) and k != "n"},
+                     **{f"sft_{k}": v for k, v in dev_base.items() if not isinstance(v, dict) and k != "n"},
+                     **({"no_ptx": dev_nop} if dev_nop is not None else {})}
+    if p.rbrm and prompts.suite is not None and (rm_dir / "rankings_test.jsonl").is_file():
+        rules = load_rules(p, tok)
+        result |= rbrm_agreement(rules, rm_dir / "rankings_test.jsonl", cfg)
+        if (rm_dir / "rankings_val.jsonl").is_file():
+            result["dev"] |= rbrm_agreement(rules, rm_dir / "rankings_val.jsonl", cfg)
     atomic_write_text(out / "samples.jsonl", "".join(json.dumps(
         {**{k: s[k] for k in ("family", "system", "prompt", "messages") if k in s}, "sft": b["answer"], "ppo": s["answer"],
          "sft_score": b[key], "ppo_score": s[key]}) + "\n" for s, b in zip(samples, base_samples)))
@@ -420,14 +463,20 @@ def plot_ppo(run: Path) -> Path | None:
     return plots.save(fig, run / "plots" / "ppo.png")
 
 
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def markdown(run: Path, report: dict) -> list[str]:
     r = report["ppo"]
     w = r["wins"]
     gold = "accuracy" in r
     sel = r.get("selected")
     kept = f"; kept update {sel['step']} (best validation {sel['metric']})" if sel else ""
+    dev = r.get("dev") or {}
     lines = ["## RLHF (PPO-ptx against the reward model, per-token KL to SFT)", "",
-             f"{r['rollouts']} rollouts, {r['steps']} updates{kept}. Held-out prompts, greedy answers; the "
+             f"{r['rollouts']} rollouts, {r['steps']} updates{kept}, chosen on {dev.get('n', '')} dev prompts. Figures on "
+             f"{r['n']} test prompts (unseen templates, used for no choice), dev beside them; greedy answers; the "
              f"{r.get('judge', 'gold labeler')} judges.", ""]
     if r.get("by_round"):
         lines += [f"{r['rounds']} rounds: before each round after the first, the current policy's answers were ranked "
@@ -436,7 +485,8 @@ def markdown(run: Path, report: dict) -> list[str]:
         lines += [f"| {b['round']} | {b['rankings']} | {b['rm_gold_agreement'] or float('nan'):.3f} | {b['steps']} |"
                   for b in r["by_round"]]
         lines.append("")
-    lines.append(f"Win rate against SFT: **{r['win_rate_vs_sft']:.3f}** (ties count half).")
+    lines.append(f"Win rate against SFT on test: **{r['win_rate_vs_sft']:.3f}** (ties count half; dev "
+                 f"{dev.get('win_rate_vs_sft', float('nan')):.3f}).")
     if gold:
         lines[-1] += (f" Where correctness differs ({w['correctness_pairs']} prompts) PPO wins {w['win_rate_correctness']:.3f}; "
                       f"where it is the same ({w['style_pairs']}, style: length, refusal style, over-refusal) "
@@ -444,11 +494,19 @@ def markdown(run: Path, report: dict) -> list[str]:
     rows = [("accuracy", "accuracy", ".3f"), ("gold score", "gold_score", ".3f"), ("RM score", "rm_score", ".3f"),
             ("mean answer length (chars)", "mean_length", ".1f"), ("refusal rate, disallowed", "refusal_rate_disallowed", ".3f"),
             ("refusal rate, allowed", "refusal_rate_allowed", ".3f"), ("desired refusal style", "refusal_style_desired_rate", ".3f")]
-    lines += ["", "| figure | SFT | PPO |", "|---|---|---|"]
-    lines += [f"| {name} | {r['sft_' + key]:{fmt}} | {r[key]:{fmt}} |" for name, key, fmt in rows if key in r]
-    lines += [f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} |",
+    lines += ["", "| figure | SFT (test) | PPO (test) | SFT (dev) | PPO (dev) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['sft_' + key]:{fmt}} | {r[key]:{fmt}} | {dev.get('sft_' + key, float('nan')):{fmt}} | "
+              f"{dev.get(key, float('nan')):{fmt}} |" for name, key, fmt in rows if key in r]
+    lines += [f"| KL to SFT per answer (nats) | 0 | {r['kl']:.2f} | 0 | {dev.get('kl', float('nan')):.2f} |",
               f"| pretraining val loss change | | {r['pretrain_val_loss_delta']:+.3f} (without ptx: "
-              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) |", ""]
+              f"{r.get('pretrain_val_loss_delta_no_ptx', float('nan')):+.3f}) | | |", ""]
+    if "rbrm_gold_agreement" in r:
+        cov = r["rbrm_coverage"]
+        lines += [f"Rule-based rewards (text only: the request, the answer and the rubric): on the reward model's test "
+                  f"rankings they order {r['rbrm_gold_agreement'] or float('nan'):.3f} of {r['rbrm_gold_pairs']:,} pairs as the "
+                  f"gold labeler does (dev {dev.get('rbrm_gold_agreement') or float('nan'):.3f}); the rubric's patterns cover "
+                  f"{_share(cov['disallowed'])} of disallowed requests as disallowed, {_share(cov['risky'])} of risky-but-allowed "
+                  f"ones as allowed, and leave {_share(cov['neither'])} of the rest alone.", ""]
     for folder, v in (r.get("versus") or {}).items():
         w = v["wins"]
         lines += [f"Against `{folder}` ({v['params'] / 1e6:.1f}M parameters, {v['params'] / r['params']:.1f}x PPO's "
@@ -486,5 +544,17 @@ def markdown(run: Path, report: dict) -> list[str]:
     return lines
 
 
+def headline(r: dict) -> str:
+    dev = r.get("dev") or {}
+    line = (f"ppo: test win rate against SFT {r['win_rate_vs_sft']:.3f} by the {r['judge']} (dev "
+            f"{dev.get('win_rate_vs_sft', float('nan')):.3f}), KL {r['kl']:.2f} nats")
+    if "accuracy" in r:
+        line += f", accuracy {r['accuracy']:.3f} (SFT {r['sft_accuracy']:.3f})"
+    line += f", pretraining loss {r['pretrain_val_loss_delta']:+.3f}"
+    if "pretrain_val_loss_delta_no_ptx" in r:
+        line += f" (without ptx {r['pretrain_val_loss_delta_no_ptx']:+.3f})"
+    return line
+
+
 STAGE = Stage("ppo", run, "PPO-ptx against the reward model with a per-token KL to SFT, rule-based rewards",
-              config=PPOConfig, depends=("sft", "rm"), report=markdown, default=False)
+              config=PPOConfig, depends=("sft", "rm"), report=markdown, headline=headline)

@@ -126,5 +126,12 @@ def markdown(run: Path, r: dict) -> list[str]:
     return lines
 
 
+def headline(r: dict) -> str | None:
+    if "val_loss" not in r:  # the eval stage measures it
+        return None
+    return (f"pretrain: val loss {r['val_loss']:.3f} (unigram floor {r['unigram_val_loss']:.3f}), "
+            f"{r.get('val_bpb', 0):.3f} bits/byte")
+
+
 STAGE = Stage("pretrain", run, "next-token pretraining (L1) on the data mixture", config=TrainConfig,
-              depends=("data", "tokenizer", "model"), report=markdown)
+              depends=("data", "tokenizer", "model"), report=markdown, headline=headline)

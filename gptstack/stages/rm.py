@@ -24,7 +24,7 @@ from ..data.records import read_rankings
 from ..evals.rm import answer_loglik, pair_agreement
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 from ..tokenizer import Tokenizer
-from ..train.rm import (Rankings, RewardModel, RMObjective, check_rankings_fit, from_policy, normalisation,
+from ..train.rm import (Rankings, RewardModel, RMObjective, check_rankings_fit, comparisons, from_policy, normalisation,
                         reward_metadata, scalar_flops_per_token, score_rankings)
 from ..train.trainer import TrainConfig, Trainer
 from .base import Context, Stage
@@ -39,7 +39,8 @@ def _rm_train() -> TrainConfig:
 @dataclass
 class RMConfig:
     prompts: int = 2000  # world: training prompts to compare (train templates)
-    val_prompts: int = 300  # world: held-out prompts (unseen templates) for the RM's accuracy
+    val_prompts: int = 300  # world: dev prompts (unseen templates): the RM's validation
+    test_prompts: int = 300  # world: test prompts (unseen templates, not dev's): the reported agreement
     k: int = 4  # answers per prompt
     temperatures: list[float] = field(default_factory=lambda: [1.0])  # each answer cycles through these
     labeler: Literal["gold", "noisy", "human"] = "noisy"  # the world's labelers; human: `compare` writes a to-do file
@@ -51,7 +52,7 @@ class RMConfig:
     train: TrainConfig = field(default_factory=_rm_train)
 
     def problems(self):
-        yield from at_least(self, 1, "prompts", "val_prompts", "max_new_tokens")
+        yield from at_least(self, 1, "prompts", "val_prompts", "test_prompts", "max_new_tokens")
         yield from at_least(self, 2, "k")  # a ranking compares answers
         yield from at_least(self, 0, "epochs", "tie_threshold")
         if not 0.5 <= self.agreement <= 1:
@@ -60,15 +61,21 @@ class RMConfig:
             yield "temperatures", f"must be one or more temperatures >= 0, got {self.temperatures}"
 
 
-def world_rankings(cfg, policy: Path, out: Path, tok: Tokenizer, log=print) -> tuple[Path, Path, dict]:
-    """Rankings of the policy's answers to the world's train prompts, and to held-out prompts (unseen
-    templates) for validation, by the configured labeler; made once, reused on a rerun."""
+RANKING_SETS = {"rankings": "train", "rankings_val": "dev", "rankings_test": "test"}  # file -> the world's split
+
+
+def world_rankings(cfg, policy: Path, out: Path, tok: Tokenizer, log=print) -> tuple[list[Path], dict]:
+    """Rankings of the policy's answers to the world's train prompts, dev prompts (validation) and test
+    prompts (the reported figures), by the configured labeler; made once, reused on a rerun. Returns the
+    three files and their summaries."""
     from ..comparisons import compare
     from ..world.instructions import InstructionSuite
     r = cfg.rm
     suite = InstructionSuite(seed=cfg.sft.seed)
+    counts = {"train": (r.prompts, r.seed + 100), "dev": (r.val_prompts, r.seed + 200), "test": (r.test_prompts, r.seed + 300)}
     made = {}
-    for name, split, n, seed in (("rankings", "train", r.prompts, r.seed + 100), ("rankings_val", "heldout", r.val_prompts, r.seed + 200)):
+    for name, split in RANKING_SETS.items():
+        n, seed = counts[split]
         path = out / f"{name}.jsonl"
         meta = out / f"{name}.summary.json"
         if not meta.is_file():
@@ -77,7 +84,7 @@ def world_rankings(cfg, policy: Path, out: Path, tok: Tokenizer, log=print) -> t
                               r.temperatures, r.agreement, r.tie_threshold, r.max_new_tokens, seed)
             atomic_write_json(meta, summary)
         made[name] = read_json(meta)
-    return out / "rankings.jsonl", out / "rankings_val.jsonl", made
+    return [out / f"{name}.jsonl" for name in RANKING_SETS], made
 
 
 def judge_rows(rows: list[dict], suite) -> tuple[list, list[list[bool]], list[list[float]]]:
@@ -89,15 +96,16 @@ def judge_rows(rows: list[dict], suite) -> tuple[list, list[list[bool]], list[li
 
 
 def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = None, val_data: Path | None = None,
-           log=print) -> dict:
+           test_data: Path | None = None, log=print) -> dict:
     """Train the reward model from `policy` (the SFT model) on rankings: the given files, or, with none,
-    the world's (sampled from the policy and ranked by the configured labeler). Returns {"rm": ...}."""
+    the world's (sampled from the policy and ranked by the configured labeler). Validation rankings are
+    watched during training; test rankings give the reported figures. Returns {"rm": ...}."""
     r = cfg.rm
     t0 = time.time()
     made = {}
     if data is None:
         out.mkdir(parents=True, exist_ok=True)
-        data, val_data, made = world_rankings(cfg, policy, out, tok, log)
+        (data, val_data, test_data), made = world_rankings(cfg, policy, out, tok, log)
     records = read_rankings(data)
     check_rankings_fit(records, data)
     if val_data is not None:
@@ -109,6 +117,7 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     model.train()
     n_ctx = model.gpt.cfg.n_ctx
     train, val = Rankings(records, tok, n_ctx), Rankings(val_records, tok, n_ctx)
+    test = Rankings(read_rankings(test_data), tok, n_ctx) if test_data is not None else None
     steps = r.train.steps or max(1, math.ceil(r.epochs * len(train) / r.train.batch_size))
     train_cfg = dataclasses.replace(r.train, steps=steps, ckpt_every=min(r.train.ckpt_every, steps))
     mean_len = sum(len(s) for seqs, _ in train.examples for s in seqs) / sum(len(seqs) for seqs, _ in train.examples)
@@ -125,35 +134,52 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     result = {"rankings": len(train), "pairs": train.pairs, "val_rankings": len(val), "val_pairs": val.pairs,
               "steps": steps, "gain": gain, "bias": bias, "val_accuracy": (summary.get("final") or {}).get("val_accuracy"),
               "tokens_per_sec": summary.get("tokens_per_sec"), "mfu": summary.get("mfu")}
+    if test is not None:
+        result |= {"split": "test", "test_rankings": len(test), "test_pairs": test.pairs,
+                   "test_accuracy": labeler_accuracy(model, test)}
     if made:
         c = made["rankings"]
         result |= {"labeler": c["labeler"], "labeler_agreement": c["labeler_agreement"], "tie_fraction": c["tie_fraction"],
                    "k": c["k"], "samplers": c["samplers"]}
-    if val_records and all("gold_ranks" in x and "family" in x for x in val_records):  # the world's rankings
-        result |= gold_report(model, policy, tok, val, cfg, out, log)
+    if test is not None and _world_rows(test.records) and _world_rows(val.records):  # the world's rankings
+        loglik_model = load_model(policy, "auto")
+        log(f"[rm] agreement with the gold ranking: RM, shorter-first and log-likelihood on {len(val)} dev and "
+            f"{len(test)} test prompts")
+        result |= gold_report(model, loglik_model, tok, test, cfg, out / "test_scores.jsonl")
+        result["dev"] = {"accuracy": result["val_accuracy"], **gold_report(model, loglik_model, tok, val, cfg)}
     result["seconds"] = time.time() - t0
     summary = {"rm": result}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
 
-def gold_report(model: RewardModel, policy: Path, tok: Tokenizer, val: Rankings, cfg, out: Path, log=print) -> dict:
-    """On the held-out rankings: the RM, the shorter-answer-first ranker and the policy's log-likelihood,
-    each against the gold ranking; and every answer's reward beside its gold score (for the scatter plot)."""
+def labeler_accuracy(model: RewardModel, data: Rankings) -> float:
+    """The share of the labeler's non-tied pairs that the RM orders the same way."""
+    got = [r[w] > r[l] for r, (_, ranks) in zip(score_rankings(model, data), data.examples) for w, l in comparisons(ranks)]
+    return sum(got) / max(len(got), 1)
+
+
+def _world_rows(records: list[dict]) -> bool:
+    return bool(records) and all("gold_ranks" in x and "family" in x for x in records)
+
+
+def gold_report(model: RewardModel, policy, tok: Tokenizer, data: Rankings, cfg, scores_path: Path | None = None) -> dict:
+    """On world rankings: the RM, the shorter-answer-first ranker and the policy's log-likelihood, each against
+    the gold ranking; with `scores_path`, every answer's reward beside its gold score (for the scatter plot)."""
     from ..world.instructions import InstructionSuite
-    rows = val.records
+    rows = data.records
     suite = InstructionSuite(seed=cfg.sft.seed)
     _, correct, gold_scores = judge_rows(rows, suite)
     gold_ranks = [row["gold_ranks"] for row in rows]
     families = [row["family"] for row in rows]
-    log(f"[rm] held-out agreement with the gold ranking: RM, shorter-first and log-likelihood on {len(rows)} prompts")
-    rewards = score_rankings(model, val)
+    rewards = score_rankings(model, data)
     lengths = [[-float(len(y)) for y in row["responses"]] for row in rows]
-    loglik = answer_loglik(load_model(policy, "auto"), tok, rows)
+    loglik = answer_loglik(policy, tok, rows)
     rm_, short, ll = (pair_agreement(x, gold_ranks, families, correct) for x in (rewards, lengths, loglik))
-    atomic_write_text(out / "val_scores.jsonl", "".join(
-        json.dumps({"family": f, "reward": rw, "gold_score": g}) + "\n"
-        for f, rr, gg in zip(families, rewards, gold_scores) for rw, g in zip(rr, gg)))
+    if scores_path is not None:
+        atomic_write_text(scores_path, "".join(
+            json.dumps({"family": f, "reward": rw, "gold_score": g}) + "\n"
+            for f, rr, gg in zip(families, rewards, gold_scores) for rw, g in zip(rr, gg)))
     return {"gold_agreement": rm_["agreement"], "gold_pairs": rm_["pairs"],
             "baseline_length_agreement": short["agreement"], "baseline_loglik_agreement": ll["agreement"],
             "by_family": {f: {"gold_agreement": rm_["by_family"][f]["agreement"], "pairs": rm_["by_family"][f]["pairs"],
@@ -171,8 +197,8 @@ def run(ctx: Context) -> dict:
 # ---------------------------------------------------------------- report
 
 def plot_rm(run: Path) -> Path | None:
-    """Every held-out answer's reward against its gold score."""
-    rows = read_jsonl_loose(run / "rm" / "val_scores.jsonl")
+    """Every test answer's reward against its gold score."""
+    rows = read_jsonl_loose(run / "rm" / "test_scores.jsonl")
     if not rows:
         return None
     fig, ax = plots.subplots(figsize=(6.5, 4.5))
@@ -182,7 +208,7 @@ def plot_rm(run: Path) -> Path | None:
         ax.scatter([r["gold_score"] for r in pts], [r["reward"] for r in pts], s=9, alpha=0.6, color=f"C{i % 10}", label=f)
     ax.set_xlabel("gold score")
     ax.set_ylabel("reward (normalised: SFT answers mean 0, std 1)")
-    ax.set_title("reward model on held-out answers")
+    ax.set_title("reward model on test answers")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, markerscale=1.5, ncol=2)
     return plots.save(fig, run / "plots" / "rm_vs_gold.png")
@@ -190,28 +216,44 @@ def plot_rm(run: Path) -> Path | None:
 
 def markdown(run: Path, report: dict) -> list[str]:
     r = report["rm"]
+    test = (f" Test accuracy: **{r['test_accuracy']:.3f}** on {r['test_pairs']:,} pairs of {r['test_rankings']:,} rankings "
+            "that chose nothing." if "test_accuracy" in r else "")
     lines = ["## Reward model (all C(K,2) pairs of a K-way ranking per batch element)", "",
-             f"{r['rankings']:,} rankings ({r['pairs']:,} non-tied pairs), {r['steps']} steps; held-out accuracy against "
-             f"the labeler's pairs: **{r['val_accuracy']:.3f}** on {r['val_pairs']:,} pairs.", ""]
+             f"{r['rankings']:,} rankings ({r['pairs']:,} non-tied pairs), {r['steps']} steps; validation accuracy against "
+             f"the labeler's pairs: {r['val_accuracy']:.3f} on {r['val_pairs']:,} pairs.{test}", ""]
     if "gold_agreement" not in r:
         return lines
+    dev = r["dev"]
     lines += [f"Rankings: K = {r['k']} answers from {', '.join(r['samplers'])}, ranked by the {r['labeler']} labeler, "
               f"whose measured agreement with gold is {r['labeler_agreement']:.3f}; {r['tie_fraction']:.1%} of pairs tie.", "",
-              "Agreement with the gold ranking on held-out prompts (unseen templates), non-tied pairs:", "",
-              "| pairs | n | RM | shorter first | SFT log-likelihood |", "|---|---|---|---|---|",
+              "Agreement with the gold ranking, non-tied pairs, on test prompts (unseen templates, used for no choice); "
+              "dev (the validation prompts) beside it:", "",
+              "| pairs (test) | n | RM | shorter first | SFT log-likelihood | RM on dev |", "|---|---|---|---|---|---|",
               f"| all | {r['gold_pairs']:,} | **{r['gold_agreement']:.3f}** | {r['baseline_length_agreement']:.3f} | "
-              f"{r['baseline_loglik_agreement']:.3f} |"]
+              f"{r['baseline_loglik_agreement']:.3f} | {dev['gold_agreement']:.3f} |"]
     for name, row in r["by_subset"].items():
         lines.append(f"| {name.replace('_', ' ')} | {row['pairs']:,} | {row['gold_agreement']:.3f} | "
-                     f"{row['baseline_length_agreement']:.3f} | {row['baseline_loglik_agreement']:.3f} |")
+                     f"{row['baseline_length_agreement']:.3f} | {row['baseline_loglik_agreement']:.3f} | "
+                     f"{dev['by_subset'].get(name, {}).get('gold_agreement', float('nan')):.3f} |")
     for name, row in r["by_family"].items():
         lines.append(f"| family: {name} | {row['pairs']:,} | {row['gold_agreement']:.3f} | "
-                     f"{row['baseline_length_agreement']:.3f} | {row['baseline_loglik_agreement']:.3f} |")
+                     f"{row['baseline_length_agreement']:.3f} | {row['baseline_loglik_agreement']:.3f} | "
+                     f"{dev['by_family'].get(name, {}).get('gold_agreement', float('nan')):.3f} |")
     lines.append("")
     if plot_rm(run):
         lines += ["![reward against gold score](plots/rm_vs_gold.png)", ""]
     return lines
 
 
+def headline(r: dict) -> str:
+    if "gold_agreement" in r:
+        return (f"rm: test agreement with gold {r['gold_agreement']:.3f} on {r['gold_pairs']:,} pairs (shorter-first "
+                f"{r['baseline_length_agreement']:.3f}, SFT log-likelihood {r['baseline_loglik_agreement']:.3f}; "
+                f"dev {r['dev']['gold_agreement']:.3f})")
+    if "test_accuracy" in r:
+        return f"rm: test accuracy {r['test_accuracy']:.3f} on {r['test_pairs']:,} pairs (validation {r['val_accuracy']:.3f})"
+    return f"rm: validation accuracy {r['val_accuracy']:.3f} on {r['val_pairs']:,} pairs"
+
+
 STAGE = Stage("rm", run, "reward model on K-way rankings (the world's, sampled from SFT and labeled)",
-              config=RMConfig, depends=("sft",), report=markdown, default=False)
+              config=RMConfig, depends=("sft",), report=markdown, headline=headline)

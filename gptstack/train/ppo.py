@@ -3,9 +3,9 @@ InstructGPT describes:
 
     for each rollout:                                   PPOObjective.batches
         sample answers to a batch of prompts with the current policy (the one generation engine)
-        score them: the reward model at the last token (normalised), minus no_end_penalty for an answer
-            without <|end|>, plus the rule-based rewards on the prompts they cover; and on every token
-            r_t = −β·(log π(a_t) − log π_SFT(a_t))
+        score them: answer_scores (the reward model at the last token, normalised, minus no_end_penalty
+            for an answer without <|end|>), plus the rule-based rewards on the prompts they cover; and on
+            every token r_t = −β·(log π(a_t) − log π_SFT(a_t))
         advantages: GAE (γ = 1, λ = 0.95) over the rewards, whitened over the rollout
         for each of ppo_epochs passes:
             for each of `minibatches` shuffled minibatches:
@@ -15,9 +15,15 @@ InstructGPT describes:
 The Trainer runs it like any objective: one Trainer step is one update, and `train_batch` reads the next
 minibatch from the loop above. The objective takes its data, extra rewards and metrics as arguments; where
 the prompts come from and how a policy is judged is the stage's business (stages/ppo.py).
+
+The rollout's log-probabilities and values are the baseline of the update's ratio π/π_old and value clip,
+so both compute alike: dropout is off in every model (ActorCritic.train), and the Trainer calls
+`train_batch`, where rollouts happen, under the same autocast as the update. At identical weights the
+first update's ratio is then exactly 1.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Iterator
 
 import torch
@@ -34,23 +40,27 @@ class ActorCritic(nn.Module):
     """Every model PPO uses, so that moving or wrapping this module moves and wraps all of them:
     the policy (a GPT) and its value function (the reward model's architecture, initialised from it:
     V(h_{t-1}) estimates the return of the answer from the state before token t), which train; and the
-    frozen SFT reference and reward model, which stay in eval mode, out of the optimizer (no gradients)
-    and out of the state dict (checkpoints hold what trains)."""
+    frozen SFT reference and reward model, which stay out of the optimizer (no gradients) and out of the
+    state dict (checkpoints hold what trains)."""
 
     FROZEN = ("reference", "reward_model")
 
     def __init__(self, policy: GPT, value: RewardModel, reference: GPT, reward_model: RewardModel):
         super().__init__()
         self.policy, self.value = policy, value
-        self.reference = reference.requires_grad_(False).eval()
-        self.reward_model = reward_model.requires_grad_(False).eval()
+        self.reference = reference.requires_grad_(False)
+        self.reward_model = reward_model.requires_grad_(False)
         self.register_state_dict_post_hook(_drop_frozen)
         self.register_load_state_dict_post_hook(_frozen_not_missing)
+        self.train()  # dropout off in every model from the start
 
     def train(self, mode: bool = True):
+        """Every model stays in eval mode, so dropout is off in the update as in the rollout: with dropout in
+        one and not the other, π/π_old ≠ 1 at identical weights and the clip fires before any update (and the
+        frozen models have nothing to train). `self.training` still says whether PPO is training."""
         super().train(mode)
-        self.reference.eval()
-        self.reward_model.eval()
+        for model in self.children():
+            model.eval()
         return self
 
     def forward(self, ids: torch.Tensor):
@@ -64,10 +74,18 @@ class ActorCritic(nn.Module):
         """log π_SFT of tokens 1..L-1: (B, L-1)."""
         return self.reference.sequence_logprobs(ids, temperature)
 
-    @torch.no_grad()
-    def score(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The reward model's normalised score of each row, read at its last token."""
-        return self.reward_model.score(ids, last)
+
+def value_from_reward_model(rm: RewardModel) -> RewardModel:
+    """A trainable copy of the reward model as the value function's start (InstructGPT), with the score's
+    normalisation folded into its head: V reads the head raw (ActorCritic.forward) while the rewards are
+    gain·(raw + bias), so the head becomes gain·(w·h + b + bias) and V predicts the normalised score."""
+    value = copy.deepcopy(rm).requires_grad_(True)
+    with torch.no_grad():
+        value.head.proj.weight.mul_(rm.gain)
+        value.head.proj.bias.add_(rm.bias).mul_(rm.gain)
+        value.gain.fill_(1.0)
+        value.bias.zero_()
+    return value
 
 
 def _drop_frozen(module, state_dict, prefix, local_metadata):
@@ -160,6 +178,21 @@ def pack(prompts: list[list[int]], answers: list[list[int]], pad: int) -> tuple[
     return ids, mask
 
 
+@torch.no_grad()
+def answer_scores(reward_model: RewardModel, prompt_ids: list[list[int]], answer_ids: list[list[int]], ended: list[bool],
+                  pad: int, no_end_penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The score PPO maximises, for each answer (token ids as sampled) after its prompt: the reward model's
+    normalised score read at the answer's last token, minus no_end_penalty where the answer did not end with
+    <|end|>. Selection and evaluation use it too, so they see what training exploits.
+    Returns (scores, the reward model's scores alone), on the reward model's device."""
+    device = next(reward_model.parameters()).device
+    ids, _ = pack(prompt_ids, answer_ids, pad)
+    last = torch.tensor([len(p) + len(a) - 1 for p, a in zip(prompt_ids, answer_ids)], device=device)
+    rm_scores = reward_model.score(ids.to(device), last)
+    unfinished = 1.0 - torch.tensor(ended, dtype=rm_scores.dtype, device=device)
+    return rm_scores - no_end_penalty * unfinished, rm_scores
+
+
 def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int,
            pad_id: int, seed: int):
     return generate(policy, prompts, max_new_tokens, temperature=temperature, stop_ids=(end_id,), pad_id=pad_id, seed=seed)
@@ -228,20 +261,14 @@ class PPOObjective:
         prompt_ids = self.tok.render_prompts([self.prompts[i] for i in which], model.policy.cfg.n_ctx, cfg.max_new_tokens)
         gens = sample(model.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.end, self.tok.pad,
                       seed=cfg.seed * 100003 + index)
-        answers = [g.tokens for g in gens]
+        answers, ended = [g.tokens for g in gens], [g.finished for g in gens]
         ids, mask = pack(prompt_ids, answers, self.tok.pad)
         ids, mask = ids.to(device), mask.to(device)
-        was = model.training
-        model.eval()
         logits, values = model(ids)
         logp = token_logprobs(logits, ids[:, 1:], cfg.temperature)
         ref_logp = model.reference_logprobs(ids, cfg.temperature)
-        model.train(was)
-        texts = [self.tok.decode(a[:-1] if g.finished else a, skip_special=True).strip() for a, g in zip(answers, gens)]
-        ended = torch.tensor([g.finished for g in gens], dtype=torch.float32, device=device)
-        last = torch.tensor([len(p) + len(a) - 1 for p, a in zip(prompt_ids, answers)], device=device)
-        rm_score = model.score(ids, last)
-        score = rm_score - cfg.no_end_penalty * (1 - ended)
+        texts = [self.tok.decode(a[:-1] if e else a, skip_special=True).strip() for a, e in zip(answers, ended)]
+        score, rm_score = answer_scores(model.reward_model, prompt_ids, answers, ended, self.tok.pad, cfg.no_end_penalty)
         rule = torch.zeros_like(score)
         if self.extra_rewards is not None:
             rule = torch.tensor(self.extra_rewards(which, texts), dtype=torch.float32, device=device)
@@ -254,7 +281,7 @@ class PPOObjective:
         self.kl.update(kl_seq.mean().item(), n)
         self.stats = {"reward": float(score.mean()), "rm_score": float(rm_score.mean()), "kl": float(kl_seq.mean()),
                       "beta": self.kl.beta, "answer_length": sum(len(t) for t in texts) / n,
-                      "ended": float(ended.mean()), "rule_reward": float(rule.mean()),
+                      "ended": sum(ended) / n, "rule_reward": float(rule.mean()),
                       **(self.rollout_metrics(which, texts) if self.rollout_metrics else {}),
                       "entropy": float(masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), mask))}
         return {"ids": ids.cpu(), "mask": mask.cpu(), "old_logp": logp.cpu(), "old_values": (values * mask).cpu(),

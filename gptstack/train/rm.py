@@ -2,8 +2,13 @@
 head read at the final token, trained on every pair of a K-way ranking at once.
 
 For a prompt with K ranked answers, each answer is encoded once and every ordered pair (w better
-than l; ties skipped) enters  loss = −mean log σ(r(x, y_w) − r(x, y_l))  within the same batch
-element, so the K·(K−1)/2 comparisons of one ranking cost K forward passes, not K·(K−1).
+than l; ties skipped) enters the loss within the same batch element, so the K·(K−1)/2 comparisons of
+one ranking cost K forward passes, not K·(K−1). As InstructGPT writes it, the loss is a mean over
+prompts of each prompt's mean over its pairs,
+
+    loss = −mean_x [ mean_{(w, l) of x} log σ(r(x, y_w) − r(x, y_l)) ],
+
+so every ranking counts once whatever its K and its ties (a full tie has no pair and does not count).
 """
 from __future__ import annotations
 
@@ -109,16 +114,25 @@ def pair_mask(ranks: torch.Tensor) -> torch.Tensor:
     return (ranks[:, :, None] < ranks[:, None, :]) & present[:, :, None] & present[:, None, :]
 
 
-def pairwise_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """−mean over all pairs of log σ(r_w − r_l); rewards (B, K), ranks (B, K). Returns (loss, accuracy, pairs)."""
-    mask = pair_mask(ranks)
-    n = int(mask.sum())
+def ranked_prompts(ranks: torch.Tensor) -> int:
+    """How many prompts of a batch have at least one pair (the ones the loss averages over)."""
+    return int(pair_mask(ranks).any(2).any(1).sum())
+
+
+def pairwise_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rewards (B, K), ranks (B, K) -> (loss, accuracy): the mean over prompts with a pair of each prompt's
+    mean over its pairs of −log σ(r_w − r_l), and, averaged the same way, of [r_w > r_l]."""
+    mask = pair_mask(ranks).to(rewards.dtype)
+    pairs = mask.sum((1, 2))
+    ranked = pairs > 0
+    if not ranked.any():  # every answer tied: nothing to learn, but keep the graph for DDP
+        return rewards.sum() * 0.0, torch.zeros(())
     margin = rewards[:, :, None] - rewards[:, None, :]
-    if n == 0:  # every answer tied: nothing to learn, but keep the graph for DDP
-        return rewards.sum() * 0.0, torch.zeros(()), 0
-    loss = -(F.logsigmoid(margin) * mask).sum() / n
-    accuracy = ((margin > 0) & mask).sum().float() / n
-    return loss, accuracy, n
+
+    def per_prompt_mean(x):
+        return ((x * mask).sum((1, 2))[ranked] / pairs[ranked]).mean()
+
+    return -per_prompt_mean(F.logsigmoid(margin)), per_prompt_mean((margin > 0).to(mask.dtype)).detach()
 
 
 class RMObjective:
@@ -129,24 +143,28 @@ class RMObjective:
         return self.train.batch(epoch_indices(self.seed, step, n, len(self.train)))
 
     def weight(self, micro: dict) -> int:
-        return int(pair_mask(micro["ranks"]).sum())
+        # the loss is a mean over ranked prompts, so a micro-batch counts by how many it holds
+        return ranked_prompts(micro["ranks"])
 
     def loss(self, model, micro: dict):
         B, K, T = micro["ids"].shape
         rewards = model(micro["ids"].view(B * K, T), micro["last"].view(-1)).view(B, K)
-        loss, accuracy, _ = pairwise_loss(rewards, micro["ranks"])
+        loss, accuracy = pairwise_loss(rewards, micro["ranks"])
         return loss, {"accuracy": accuracy, "tokens": int((micro["ids"] != self.train.pad).sum())}
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        rewards = score_rankings(model, self.val, raw=True)
-        total, correct, n = 0.0, 0, 0
-        for r, (_, ranks) in zip(rewards, self.val.examples):
-            for w, l in comparisons(ranks):
-                total += -F.logsigmoid(torch.tensor(r[w] - r[l])).item()
-                correct += r[w] > r[l]
-                n += 1
-        return {"val_loss": total / max(n, 1), "val_accuracy": correct / max(n, 1)}
+        """val_loss: the training loss on the validation rankings (a mean over prompts); val_accuracy: the share
+        of their pairs the model orders right (over pairs, like the stage's test accuracy)."""
+        losses, right, pairs = [], 0.0, 0
+        for r, (_, ranks) in zip(score_rankings(model, self.val, raw=True), self.val.examples):
+            n = len(comparisons(ranks))
+            if n:
+                loss, accuracy = pairwise_loss(torch.tensor([r], dtype=torch.float64), torch.tensor([ranks]))
+                losses.append(loss.item())
+                right += accuracy.item() * n
+                pairs += n
+        return {"val_loss": sum(losses) / max(len(losses), 1), "val_accuracy": right / max(pairs, 1)}
 
     def flops_per_token(self) -> float:
         return self._flops

@@ -31,16 +31,22 @@ class SFTObjective:
 
     @torch.no_grad()
     def evaluate(self, model) -> dict:
-        total, count = 0.0, 0
-        for start in range(0, len(self.val), 64):
-            b = self.val.batch(range(start, min(start + 64, len(self.val))))
-            b = {k: v.to(next(model.parameters()).device) for k, v in b.items()}
-            n = int((b["target"] != -100).sum())
-            total, count = total + model(b["input"], b["target"])[1].item() * n, count + n
-        out = {"val_loss": total / max(count, 1)}
+        out = {"val_loss": demonstrations_loss(model, self.val)}
         if self.evaluate_extra is not None:
             out |= self.evaluate_extra(model)
         return out
 
     def flops_per_token(self) -> float:
         return self._flops
+
+
+@torch.no_grad()
+def demonstrations_loss(model, data: Demonstrations, batch_size: int = 64) -> float:
+    """The mean next-token loss over the assistant's tokens of `data`."""
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for start in range(0, len(data), batch_size):
+        b = {k: v.to(device) for k, v in data.batch(range(start, min(start + batch_size, len(data)))).items()}
+        n = int((b["target"] != -100).sum())
+        total, count = total + model(b["input"], b["target"])[1].item() * n, count + n
+    return total / max(count, 1)

@@ -6,7 +6,7 @@ gradient accumulation, clipping, the learning-rate schedule, checkpoints and exa
 resume, signals, NaN stops, metrics.jsonl and the progress bar.
 
 The objective protocol:
-    train_batch(step, n) -> dict of tensors, dim 0 = n examples (the global batch of `step`)
+    train_batch(step, n) -> dict of tensors, dim 0 = n examples (the global batch of `step`); runs under the loss's autocast
     weight(micro) -> number   how much this micro-batch counts in the global mean (e.g. its tokens)
     loss(model, micro) -> (mean loss over the micro-batch, {metric: float tensor}); may report "tokens"
     evaluate(model) -> {metric: float}    on held-out data, model in eval mode
@@ -433,18 +433,20 @@ class Trainer:
         weights = whole_state_dict(self.model)
         if self.is_main:
             save_state_dict(weights, self.out / "best" / "model.safetensors", self.metadata)
-            stats["best"] = {"step": step, "metric": key, "value": row[key]}
+            # the kept model's whole eval row: its figures on the selection (dev) data, for the report
+            stats["best"] = {"step": step, "metric": key, "value": row[key], "eval": row}
 
     def _step(self, model, step: int) -> tuple[float, int, dict]:
         """Forward/backward over the accumulation micro-batches of one optimizer step."""
-        batch = self.objective.train_batch(step, self.cfg.batch_size)
+        with autocast(self.device, self.precision):  # PPO's rollouts compute as its updates do
+            batch = self.objective.train_batch(step, self.cfg.batch_size)
         mine = slice_batch(batch, self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
         micros = [slice_batch(mine, i * self.micro, (i + 1) * self.micro) for i in range(self.accum)]
         weights = [float(self.objective.weight(mb)) for mb in micros]
         total = torch.tensor(sum(weights), dtype=torch.float64)
         if self.world > 1:
             dist.all_reduce(total)
-        total = total.item()
+        total = total.item() or 1.0  # nothing to learn in this batch (e.g. every ranking a tie): a zero gradient
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         tokens, sums = 0, {}
         for i, mb in enumerate(micros):

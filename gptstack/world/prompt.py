@@ -12,7 +12,7 @@ class Prompt:
     id: str
     family: str
     template: str           # template id, "family.N"
-    split: str              # "train" | "heldout" (the template's)
+    split: str              # "train" | "dev" | "test" (the template's)
     system: str | None
     user: str
     answer: str             # the canonical correct answer (disallowed: the desired refusal)
