@@ -269,6 +269,38 @@ def test_ten_kills_per_verb(verb, drill_data, tmp_path):
     _drill(verb, drill_data, tmp_path, kills=10, seed=1)
 
 
+def _updates_logged(out) -> int:
+    path = out / "metrics.jsonl"
+    rows = path.read_text().splitlines() if path.is_file() else []
+    return sum('"event": "train"' in row for row in rows)
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_ppo_killed_at_a_random_update_resumes_bitwise(seed, drill_data, tmp_path):
+    """SIGKILL once the update drawn has been logged (mid-rollout or at its end), then the same command again:
+    the published policy, value function and optimizer state equal an uninterrupted run's byte for byte."""
+    import random
+    import time
+    d, model = drill_data
+    argv, published = DRILLS["ppo"]
+    ref = run_cli(*argv(d, model, tmp_path / "ref"), env=ONE_THREAD, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    total = _updates_logged(tmp_path / "ref")
+    at = random.Random(seed).randint(1, total - 1)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "gptstack", *map(str, argv(d, model, out))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**__import__("os").environ, **ONE_THREAD})
+    while _updates_logged(out) < at and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (out / "summary.json").exists(), "the run finished before the kill"
+    again = run_cli(*argv(d, model, out), env=ONE_THREAD, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in published:
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), f"{name} differs after a kill at update {at}"
+
+
 def test_a_finetune_label_error_names_your_file_and_line(random_model_dir, tmp_path):
     rows = [{"text": "first", "label": "rare"}] + [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(19)]
     (tmp_path / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
