@@ -94,6 +94,18 @@ def test_multiple_choice_learns_the_one_correct_answer(tok, tmp_path):
     assert all(p["prediction"] == p["label"] for p in preds)
 
 
+def test_with_select_by_the_reported_figures_are_the_kept_models(tok, tmp_path):
+    rows = [{"text": ["the cat sat", "a dog ran", "the mat", "yes no"][i % 4], "label": i % 2} for i in range(48)]
+    _write(tmp_path / "train.jsonl", rows)
+    _write(tmp_path / "val.jsonl", rows[:16])
+    cfg = FinetuneConfig(epochs=4, head_dropout=0.0, train=TrainConfig(batch_size=8, lr=3e-3, schedule="linear", min_lr_ratio=0.0,
+                                                                       log_every=5, eval_every=3, select_by="val_accuracy", device="cpu"))
+    res = finetune(cfg, "classification", tok, tmp_path / "sel", tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "val.jsonl",
+                   model_cfg=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, vocab_size=tok.vocab_size))
+    assert res["selected"]["metric"] == "val_accuracy"
+    assert res["val"]["accuracy"] == res["test"]["accuracy"] == pytest.approx(res["selected"]["value"])
+
+
 @pytest.mark.parametrize("rows, message", [
     ([{"text": "a"}], "bad.jsonl:1: field 'label' missing"),
     ([{"text": "a", "label": 1}, {"txt": "b", "label": 0}], "bad.jsonl:2: field 'text' missing"),
@@ -147,3 +159,52 @@ def test_user_jsonl_trains_and_predicts_from_the_cli(kind, base_model, tmp_path)
     if kind == "multiple_choice":
         expected = [0] * 4
     assert [r["prediction"] for r in rows] == expected
+
+
+def test_the_stage_reports_test_with_val_beside_it():
+    from pathlib import Path
+    from gptstack.stages.finetune import markdown, task_row
+    run = lambda val, test: {"val": {"accuracy": val, "n": 400}, "test": {"accuracy": test, "n": 400, "f1": 0.5},
+                             "n_train": 200, "labels": ["different", "same"], "truncated": 0}
+    got = {"pretrained": run(0.9, 0.8), "scratch": run(0.6, 0.55), "lambda0": run(0.85, 0.75)}
+    row = task_row({"kind": "similarity", "chance": 0.5}, got)
+    assert row["split"] == "test" and (row["accuracy"], row["val_accuracy"], row["n_val"], row["f1"]) == (0.8, 0.9, 400, 0.5)
+    assert (row["from_scratch_accuracy"], row["from_scratch_val_accuracy"]) == (0.55, 0.6)
+    assert (row["lambda0_accuracy"], row["lambda0_val_accuracy"]) == (0.75, 0.85)
+    assert "from_scratch_accuracy" not in task_row({"kind": "similarity", "chance": 0.5}, {"pretrained": got["pretrained"]})
+    header, _, line = markdown(Path("run"), {"finetune": {"renamed": row}})[4:7]
+    cells = lambda l: [c.strip() for c in l.strip("|").split("|")]
+    assert dict(zip(cells(header), cells(line))).items() >= {"val": "0.900", "test": "**0.800**", "from scratch val": "0.600",
+                                                    "from scratch test": "0.550", "λ = 0 test": "0.750"}.items()
+
+
+CODE = ["def area(width, height):", "    total = width * height", "    return total", "result = area(3, 4)",
+        "print(result + 1)", "items = [result, total]", "for item in items:", "    print(item)"]
+
+
+def test_renamed_pairs_are_one_line_renamed_or_another_line(monkeypatch):
+    import random
+    from gptstack.world import tasks
+    monkeypatch.setitem(tasks.TRAIN_SIZES, "renamed", 40)
+    docs = {s: [("doc", CODE)] for s in ("train", "val", "test")}
+    names = {s: ["alpha", "beta", "gamma", "delta", "omega"] for s in docs}
+    out = tasks.renamed_task(docs, names, random.Random(0))
+    assert [len(out[s]) for s in ("train", "val", "test")] == [40, 400, 400]
+    for rec in out["train"]:
+        a, b = rec["text_a"], rec["text_b"]
+        assert a in [l.strip() for l in CODE] and a != b
+        assert (tasks.skeleton(a) == tasks.skeleton(b)) == (rec["label"] == "same"), rec
+    assert {r["label"] for r in out["train"]} == {"same", "different"}
+    assert tasks.skeleton("return result") == tasks.skeleton("return value") != tasks.skeleton("return self.value")
+
+
+def test_a_continuations_real_line_uses_a_name_from_its_context(monkeypatch):
+    import random
+    from gptstack.world import tasks
+    monkeypatch.setitem(tasks.TRAIN_SIZES, "continuation", 30)
+    monkeypatch.setitem(tasks.EVAL_SIZES, "val", 30)
+    monkeypatch.setitem(tasks.EVAL_SIZES, "test", 30)
+    docs = {s: [("doc", CODE), ("other", ["x = 1", "pass", "else:", "import os"] * 3)] for s in ("train", "val", "test")}
+    for rec in tasks.continuation_task(docs, random.Random(0))["train"]:
+        real = rec["choices"][rec["label"]]
+        assert set(tasks.NAME.findall(real)) & set(tasks.NAME.findall(rec["context"])), rec

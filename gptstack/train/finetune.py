@@ -236,7 +236,9 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
              test_path: Path | None = None, init: Path | None = None, model_cfg=None, lm_coef: float | None = None,
              desc: str = "finetune") -> dict:
     """Fine-tune from a pretrained stage folder `init` (or from scratch with `model_cfg`); returns the summary.
-    Without `val_path`, every 10th training record is held out (errors still name the training file's lines)."""
+    Without `val_path`, every 10th training record is held out (errors still name the training file's lines).
+    The model kept is the last step's, or with `train.select_by: val_accuracy` the best val eval's: test is
+    scored once, on the kept model, and chooses nothing."""
     lm_coef = cfg.lm_coef if lm_coef is None else lm_coef
     torch.manual_seed(cfg.train.seed)
     gpt = load_model(init) if init is not None else GPT(model_cfg)
@@ -263,12 +265,15 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
     summary = trainer.fit()
     if not trainer.is_main:
         return {}
+    kept, _ = load_task_model(out, next(trainer.model.parameters()).device)  # what the run published, not the last step's weights
     result = {"kind": kind, "labels": labels, "lm_coef": lm_coef, "n_train": len(train), "steps": steps,
-              "val": scores(predict_logits(trainer.model, val), val, n_labels),
+              "val": scores(predict_logits(kept, val), val, n_labels),
               "truncated": train.truncated + val.truncated, "seconds": summary.get("seconds")}
+    if summary.get("selected"):
+        result["selected"] = summary["selected"]
     if test_path is not None:
         test = TaskData(read_task_records(test_path, kind), encoder, labels, test_path)
-        result["test"] = scores(predict_logits(trainer.model, test), test, n_labels)
+        result["test"] = scores(predict_logits(kept, test), test, n_labels)
         result["truncated"] += test.truncated
     if result["truncated"]:
         print(f"[{desc}] note: {result['truncated']} inputs were longer than {max_len} tokens and were cut on the {cfg.truncate}")
