@@ -6,6 +6,14 @@
 
 `norm_position="post"` is GPT-1 (LayerNorm after each residual add);
 `"pre"` is GPT-2/3 (LayerNorm at each sub-block's input, plus a final one).
+
+The same model reads the Llama family (SmolLM2, Llama 3) through a few switches,
+not a class per architecture: `norm` (LayerNorm or RMSNorm), `mlp` (GELU, GPT-2's
+tanh GELU, or SwiGLU), `positions` (learned, or rotary: q and k rotated by their
+position instead of adding Wp), `n_kv_head` (grouped-query attention: fewer key and
+value heads, each shared by n_head / n_kv_head query heads), `bias` and
+`tie_embeddings` (an output matrix of its own instead of We^T).
+
 The model returns hidden states so task heads (classifier, scalar reward /
 value) can sit on top; it imports nothing from the training or eval code.
 """
@@ -32,8 +40,16 @@ class ModelConfig:
     vocab_size: int = 4096
     norm_position: Literal["pre", "post"] = "pre"  # "post": GPT-1 (LayerNorm after each residual add); "pre": GPT-2/3
     dropout: float = 0.0  # residual, embedding and attention dropout (GPT-1 used 0.1)
-    bias: bool = True
+    bias: bool = True  # biases in every linear layer and norm (GPT); none in the Llama family
     init_std: float = 0.02
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu"] = "gelu_tanh"  # gelu_tanh: GPT-2's approximation
+    mlp_hidden: int = 0  # the MLP's inner width (0: 4 · n_embd)
+    positions: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
+    n_kv_head: int = 0  # key/value heads (0: n_head; fewer is grouped-query attention)
+    tie_embeddings: bool = True  # the output matrix is We^T
 
     def problems(self):
         for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
@@ -43,6 +59,26 @@ class ModelConfig:
             yield "dropout", f"must be in [0, 1), got {self.dropout}"
         if self.n_embd % self.n_head:
             yield "n_embd", f"({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            yield "n_kv_head", f"({self.n_kv_head}) must divide model.n_head ({self.n_head}) (0: as many as n_head)"
+        if self.mlp_hidden < 0:
+            yield "mlp_hidden", f"must be at least 0, got {self.mlp_hidden}"
+        if self.norm_eps <= 0:
+            yield "norm_eps", f"must be positive, got {self.norm_eps}"
+        if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
+            yield "positions", f"rope needs an even head size, got {self.n_embd // self.n_head}"
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_width(self) -> int:
+        return self.mlp_hidden or 4 * self.n_embd
 
 
 class KVCache:
@@ -50,7 +86,7 @@ class KVCache:
     (in the dtype the attention computes in, so it follows autocast)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int):
-        self.shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
         self.k = self.v = None
         self.len = 0  # positions already stored
 
@@ -64,61 +100,99 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
+def rotary(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of each position's angles, (T, head_dim) or (B, T, head_dim): pair i of a head turns by
+    position · base^(-2i/head_dim), the two halves of the head being the pair's two coordinates (Llama's layout)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated: (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin) for the halves x1, x2."""
+    if cos.dim() == 3:  # per-row positions (left-padded batches): broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        # one matrix for q (n_head heads), then k and v (n_kv_head heads each)
+        self.qkv = nn.Linear(cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, attn_mask=None, rope=None):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        D = self.head_dim
+        q, k, v = self.qkv(x).split([self.n_head * D, self.n_kv_head * D, self.n_kv_head * D], dim=2)
+        q = q.view(B, T, self.n_head, D).transpose(1, 2)
+        k, v = (t.view(B, T, self.n_kv_head, D).transpose(1, 2) for t in (k, v))
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        dropout = self.dropout if self.training else 0.0
+        sdpa = dict(dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head)
         if attn_mask is not None:  # padded batches: the caller says who may see whom
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **sdpa)
         elif k.size(2) == T:  # no earlier positions: plain causal (flash kernels on GPU)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
         elif T == 1:  # one new token after the cache: it sees every position, no mask to build
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, **sdpa)
         else:  # T new queries after k.size(2) - T cached positions
             past = k.size(2) - T
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **sdpa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_drop(self.proj(y))
 
 
 class MLP(nn.Module):
+    """GELU: proj(gelu(fc(x))). SwiGLU: fc holds the gate and the up projection, proj(silu(gate) * up)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+        width = cfg.hidden_width
+        self.fc = nn.Linear(cfg.n_embd, 2 * width if cfg.mlp == "swiglu" else width, bias=cfg.bias)
+        self.proj = nn.Linear(width, cfg.n_embd, bias=cfg.bias)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        h = self.fc(x)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.drop(self.proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.pre_norm = cfg.norm_position == "pre"
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln1 = norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln2 = norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None, layer=0, attn_mask=None):
-        if self.pre_norm:  # GPT-2/3
-            x = x + self.attn(self.ln1(x), cache, layer, attn_mask)
+    def forward(self, x, cache=None, layer=0, attn_mask=None, rope=None):
+        if self.pre_norm:  # GPT-2/3, Llama
+            x = x + self.attn(self.ln1(x), cache, layer, attn_mask, rope)
             return x + self.mlp(self.ln2(x))
-        x = self.ln1(x + self.attn(x, cache, layer, attn_mask))  # GPT-1
+        x = self.ln1(x + self.attn(x, cache, layer, attn_mask, rope))  # GPT-1
         return self.ln2(x + self.mlp(x))
 
 
@@ -127,10 +201,11 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.n_ctx, cfg.n_embd) if cfg.positions == "learned" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias) if cfg.norm_position == "pre" else nn.Identity()
+        self.ln_f = norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.apply(self._init)
         # GPT-2: scale the residual projections by 1/sqrt(2·n_layer) so the residual stream's variance stays put
         for name, p in self.named_parameters():
@@ -151,14 +226,22 @@ class GPT(nn.Module):
             if start + T > self.cfg.n_ctx:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.n_ctx}")
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:
+            rope = rotary(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, attn_mask)
+            x = block(x, cache, i, attn_mask, rope)
         if cache is not None:
             cache.len += T
         return self.ln_f(x)
 
     def logits(self, h):
+        if self.lm_head is not None:
+            return self.lm_head(h)
         return F.linear(h, self.wte.weight)  # tied output: softmax(h_n · We^T)
 
     def sequence_logprobs(self, ids, temperature: float = 1.0):
@@ -176,13 +259,17 @@ class GPT(nn.Module):
     # -------------------------------------------------------------- accounting
 
     def num_params(self, embeddings: bool = True) -> int:
+        """All parameters, or (Kaplan et al.'s N) without the token and position embeddings and the output matrix."""
         n = sum(p.numel() for p in self.parameters())
-        return n if embeddings else n - self.wte.weight.numel() - self.wpe.weight.numel()
+        if embeddings:
+            return n
+        tables = [self.wte, self.wpe, self.lm_head]
+        return n - sum(t.weight.numel() for t in tables if t is not None)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token: 6·N for the matmuls (+ the tied unembedding, counted in N
-        through wte) plus 12·L·d·T for attention scores (PaLM appendix B)."""
-        n = self.num_params() - self.wpe.weight.numel()
+        """Training FLOPs per token: 6·N for the matmuls, the output matrix's V·d included (the lookup tables
+        are not matmuls), plus 12·L·d·T for attention scores (PaLM appendix B)."""
+        n = self.num_params(embeddings=False) + self.cfg.vocab_size * self.cfg.n_embd
         return 6 * n + 12 * self.cfg.n_layer * self.cfg.n_embd * seq_len
 
     def metadata(self) -> dict[str, str]:
