@@ -1,54 +1,41 @@
 """Generation throughput: new tokens/s of gptstack's engine against `transformers`' `generate`.
 
-Both run greedy decoding with a KV cache on the same GPT-2-shaped model with the same weights
-(copied into `GPT2LMHeadModel`; the benchmark first checks that both give the same logits), the same
+Both run greedy decoding with a KV cache on the same model with the same weights (exported to a Hugging Face
+folder and loaded by `transformers`; the benchmark first checks that both give the same logits), the same
 prompts and the same number of new tokens, at batch 1 and batch 8, timed in alternating rounds in
 one process. The last line printed is one JSON object: for each batch size, `tokens_per_sec`,
 `reference_tokens_per_sec` and `ratio` (the median of the per-round ratios).
 
-    python benchmarks/generate_throughput.py                   # CPU, the `tiny` preset's shape
+    python benchmarks/generate_throughput.py                   # CPU, the `tiny` preset's shape, random weights
     python benchmarks/generate_throughput.py --preset mini --device cuda
+    python benchmarks/generate_throughput.py --model runs/smollm2   # a model folder (e.g. `gptstack import`ed)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from gptstack.model import ModelConfig
-from gptstack.stages import RunConfig
+from gptstack.checkpoint import find_tokenizer, load_model
+from gptstack.convert.hf import write_hf
 from gptstack.generate import generate
 from gptstack.model import GPT
 from gptstack.perf import device_name
+from gptstack.stages import RunConfig
+from gptstack.tokenizer import Tokenizer
 
 
-def reference_model(ours: GPT):
-    """`GPT2LMHeadModel` holding our weights (its Conv1D layers store the transposed matrices)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = ours.cfg
-    hf = GPT2LMHeadModel(GPT2Config(
-        n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head, n_positions=cfg.n_ctx, vocab_size=cfg.vocab_size,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0, attn_implementation="sdpa"))
-    state = {"transformer.wte.weight": ours.wte.weight, "transformer.wpe.weight": ours.wpe.weight,
-             "transformer.ln_f.weight": ours.ln_f.weight, "transformer.ln_f.bias": ours.ln_f.bias,
-             "lm_head.weight": ours.wte.weight}
-    for i, b in enumerate(ours.blocks):
-        h = f"transformer.h.{i}."
-        for hf_name, mod in (("attn.c_attn", b.attn.qkv), ("attn.c_proj", b.attn.proj), ("mlp.c_fc", b.mlp.fc),
-                             ("mlp.c_proj", b.mlp.proj)):
-            state[h + hf_name + ".weight"] = mod.weight.t()
-            state[h + hf_name + ".bias"] = mod.bias
-        for hf_name, mod in (("ln_1", b.ln1), ("ln_2", b.ln2)):
-            state[h + hf_name + ".weight"] = mod.weight
-            state[h + hf_name + ".bias"] = mod.bias
-    missing, unexpected = hf.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=False)
-    if unexpected or [k for k in missing if not k.endswith("attn.bias") and not k.endswith("masked_bias")]:
-        raise SystemExit(f"weight mapping failed: missing {missing}, unexpected {unexpected}")
-    return hf.eval()
+def reference_model(ours: GPT, tok: Tokenizer, folder: Path):
+    """`transformers`' model of the same weights: ours exported with `gptstack export --to hf`'s writer and
+    loaded with `from_pretrained` (GPT2LMHeadModel or LlamaForCausalLM)."""
+    from transformers import AutoModelForCausalLM
+    write_hf(ours, tok, folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 def sync(device):
@@ -58,7 +45,8 @@ def sync(device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="tiny", help="model shape from this preset (default: tiny)")
+    ap.add_argument("--preset", default="tiny", help="model shape from this preset, random weights (default: tiny)")
+    ap.add_argument("--model", help="a model folder (RUN/STAGE or `gptstack import`'s output) instead of a preset")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
@@ -67,11 +55,17 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
 
-    cfg: ModelConfig = RunConfig.resolve(args.preset).model
-    cfg.dropout, cfg.norm_position, cfg.bias = 0.0, "pre", True  # GPT-2's block, as transformers builds it
-    torch.manual_seed(0)
-    ours = GPT(cfg).to(device).eval()
-    ref = reference_model(ours).to(device)
+    if args.model:
+        ours, tok = load_model(args.model), Tokenizer.load(find_tokenizer(args.model))
+    else:
+        cfg = RunConfig.resolve(args.preset).model
+        cfg.dropout, cfg.norm_position = 0.0, "pre"  # a block transformers has: GPT-2's (or Llama's)
+        torch.manual_seed(0)
+        ours, tok = GPT(cfg), Tokenizer.train(["a few words to give the exported folder a tokenizer\n"] * 4, vocab_size=300)
+    ours = ours.to(device).eval()
+    cfg = ours.cfg
+    with tempfile.TemporaryDirectory() as folder:
+        ref = reference_model(ours, tok, Path(folder) / "hf").to(device)
     probe = torch.randint(0, cfg.vocab_size, (2, 16), device=device)
     with torch.no_grad():
         diff = (ours(probe)[0] - ref(probe).logits).abs().max().item()
@@ -116,7 +110,7 @@ def main():
         results[f"batch_{batch}"] = r
         print(f"batch {batch}: ours {r['tokens_per_sec']:,.0f} new tok/s | transformers {r['reference_tokens_per_sec']:,.0f} "
               f"new tok/s | ratio {r['ratio']:.2f}x | same greedy tokens: {same}", flush=True)
-    print(json.dumps({"device": device_name(device), "preset": args.preset, "prompt_len": args.prompt_len,
+    print(json.dumps({"device": device_name(device), "model": args.model or args.preset, "prompt_len": args.prompt_len,
                       "new_tokens": args.new_tokens, "torch": torch.__version__, **results}))
 
 

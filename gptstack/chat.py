@@ -43,7 +43,7 @@ def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> list[dict]
 
 def chat(model, tok: Tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.9, seed: int | None = None, read=input, out=sys.stdout) -> None:
-    end = tok.special["<|end|>"]
+    end = tok.end
     messages = [{"role": "system", "content": system}] if system else []
     out.write(f"gptstack chat ({HELP})\n")
     if system:

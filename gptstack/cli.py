@@ -85,7 +85,6 @@ def cmd_finetune(args):
     model_cfg = load_model(args.init).cfg
     result = finetune(cfg.finetune, args.task, tok, out, Path(args.data), Path(args.val) if args.val else None,
                       Path(args.test) if args.test else None, init=None if args.scratch else Path(args.init), model_cfg=model_cfg)
-    tok.save(out / "tokenizer.json")  # predict finds it beside the model
     print(json.dumps({k: result[k] for k in ("labels", "val", "test") if k in result}))
 
 
@@ -113,7 +112,7 @@ def cmd_sample(args):
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
     if args.chat:  # the prompt is a user turn; the model writes the assistant's
         prompt = tok.render_chat(chat_messages(args.prompt, args.system), for_generation=True)[0]
-        stops, shown = (tok.special["<|end|>"], tok.eot), ""
+        stops, shown = (tok.end, tok.eot), ""
     else:
         prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
         stops, shown = (tok.eot,), args.prompt
@@ -125,6 +124,19 @@ def cmd_sample(args):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
         print(shown + tok.decode(g.tokens, skip_special=True))
+
+
+def cmd_import(args):
+    from .convert import import_model
+    info = import_model(args.src, args.out)
+    m = info["model"]
+    print(f"{args.out}: {info['params'] / 1e6:.1f}M parameters, {m['n_layer']} layers x {m['n_embd']}, "
+          f"{info['vocab_size']} tokens, chat template: {info['chat_template']} (turns end with {info['stop']})")
+
+
+def cmd_export(args):
+    from .convert import export_model
+    print(f"{export_model(args.model, args.to, args.out, args.dtype)}: written ({args.to})")
 
 
 def cmd_eval(args):
@@ -197,13 +209,14 @@ def cmd_presets(args):
     from .config import list_presets
     from .model import GPT
     from .stages import RunConfig
-    print(f"{'preset':<14}{'layers':>7}{'d_model':>8}{'heads':>6}{'ctx':>6}{'vocab':>7}{'norm':>6}{'params':>10}")
+    print(f"{'preset':<14}{'layers':>7}{'d_model':>8}{'heads':>6}{'kv':>4}{'ctx':>6}{'vocab':>7}  {'block':<34}{'params':>8}")
     for name in list_presets():
         cfg = RunConfig.resolve(name)
         m = cfg.model
         with torch.device("meta"):
             n = GPT(m).num_params()
-        print(f"{name:<14}{m.n_layer:>7}{m.n_embd:>8}{m.n_head:>6}{m.n_ctx:>6}{m.vocab_size:>7}{m.norm_position:>6}{_human(n):>10}")
+        block = f"{m.norm_position}-{m.norm} {m.mlp} {m.positions}"
+        print(f"{name:<14}{m.n_layer:>7}{m.n_embd:>8}{m.n_head:>6}{m.kv_heads:>4}{m.n_ctx:>6}{m.vocab_size:>7}  {block:<34}{_human(n):>8}")
 
 
 def _human(n: int) -> str:
@@ -346,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--no-target", action="store_true", help="train the ladder and predict, but not the target")
         _add_config_args(s)
         s.set_defaults(func=cmd_scale)
+
+    p = sub.add_parser("import", help="a pretrained model (Hugging Face folder or GGUF file) as a gptstack model folder",
+                       epilog="GPT-2 and Llama-family models (SmolLM2, Llama 3). GGUF: F16/BF16/Q8_0/Q4_x/K-quants are "
+                              "dequantized to float32; the tokenizer and chat template come from the file's metadata.")
+    p.add_argument("src", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
+    p.add_argument("--out", required=True, help="the model folder to write (model.safetensors, tokenizer.json, chat_template.json)")
+    p.set_defaults(func=cmd_import)
+    p = sub.add_parser("export", help="a gptstack model folder as a Hugging Face folder or a GGUF file")
+    p.add_argument("model", help="RUN/STAGE or model folder")
+    p.add_argument("--to", required=True, choices=["hf", "gguf"], help="hf: a folder transformers loads; gguf: a file llama.cpp reads")
+    p.add_argument("--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="GGUF weight type (default: f16)")
+    p.add_argument("out", help="the folder (hf) or .gguf file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("presets", help="list the model presets with their parameter counts")
     p.set_defaults(func=cmd_presets)

@@ -116,7 +116,7 @@ def respond(model: GPT, tok, conversations: list[list[dict]], max_new_tokens: in
             top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[tuple[str, Generation]]:
     """The assistant's next turn for each conversation (chat messages): (text, Generation) pairs. A turn cut off
     by the length limit keeps its text; `Generation.finished` says whether it closed with <|end|>."""
-    end = tok.special["<|end|>"]
+    end = tok.end
     out = []
     for start in range(0, len(conversations), batch_size):
         ids = tok.render_prompts(conversations[start:start + batch_size], model.cfg.n_ctx, max_new_tokens)

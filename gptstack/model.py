@@ -256,6 +256,17 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return logits, loss
 
+    @torch.no_grad()
+    def grow_vocab(self, vocab_size: int) -> None:
+        """Rows for tokens added to the vocabulary, each the mean of the existing rows: a new token starts as
+        an average token instead of a random direction the pretrained model never saw."""
+        for table in [t for t in (self.wte, self.lm_head) if t is not None]:
+            old = table.weight
+            new = old.mean(0, keepdim=True).expand(vocab_size - old.size(0), -1)
+            table.weight = nn.Parameter(torch.cat([old, new]))
+        self.wte.num_embeddings = vocab_size
+        self.cfg.vocab_size = vocab_size
+
     # -------------------------------------------------------------- accounting
 
     def num_params(self, embeddings: bool = True) -> int:

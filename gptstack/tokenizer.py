@@ -1,4 +1,4 @@
-"""Byte-level BPE (HF `tokenizers`) with the special tokens every stage reserves.
+"""Byte-level BPE (HF `tokenizers`) with the special tokens every stage reserves, and the chat template.
 
 Text is always text: `encode` never turns a literal "<|end|>" in user data into
 the control token. Control tokens enter a sequence only by id, so data cannot
@@ -7,6 +7,8 @@ forge a turn boundary, and encode -> decode round-trips any string exactly.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -14,9 +16,10 @@ from typing import Iterable
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from .chat_template import BUILTIN, ChatTemplate
 from .config import at_least
 from .errors import GptstackError
-from .io import atomic_write_text
+from .io import atomic_write_text, read_json
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",  # document separator (GPT-2)
@@ -25,6 +28,7 @@ SPECIAL_TOKENS = [
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",  # chat turns
     "<|image|>",  # GPT-4-style image placeholder
 ]
+TEMPLATE_FILE = "chat_template.json"  # an imported model's template, beside its tokenizer.json
 
 
 @dataclass
@@ -41,15 +45,22 @@ class TokenizerConfig:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer):
+    """Byte-level BPE and the model's chat template (chat_template.py): gptstack's own by default, an imported
+    model's own beside its tokenizer.json (chat_template.json)."""
+
+    def __init__(self, hf: HFTokenizer, template: ChatTemplate | None = None):
         self.hf = hf
         self.hf.encode_special_tokens = True  # literal "<|...|>" in text stays text
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        self.template = template or BUILTIN
+        self.special = {t.content: i for i, t in sorted(hf.get_added_tokens_decoder().items()) if t.special}
+        required = SPECIAL_TOKENS if template is None else [self.template.stop, self.template.eos]
+        missing = [t for t in required if t not in self.special]
         if missing:
             raise GptstackError(f"tokenizer lacks the special tokens {', '.join(missing)}")
-        self.special = {t: hf.token_to_id(t) for t in SPECIAL_TOKENS}
-        self.eot = self.special["<|endoftext|>"]
-        self.pad = self.special["<|pad|>"]
+        self.eot = self.special[self.template.eos]
+        self.pad = self.special.get("<|pad|>", self.eot)  # padding is masked everywhere; any id will do
+        self.end = self.special[self.template.stop]  # closes the assistant's turn
+        self._markup = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.special, key=len, reverse=True)) + ")")
 
     # ---------------------------------------------------------------- training / io
 
@@ -72,21 +83,36 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
+        """tokenizer.json (a file, or a folder holding one), with the chat_template.json beside it if any."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise GptstackError(f"{path}: no tokenizer here (train one with `gptstack tokenizer train`)")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise GptstackError(f"{path}: not a valid tokenizer file ({str(e).splitlines()[0]})") from None
+        template_file = path.parent / TEMPLATE_FILE
+        template = ChatTemplate.from_dict(read_json(template_file), str(template_file)) if template_file.is_file() else None
+        return cls(hf, template)
 
     def save(self, path) -> None:
-        atomic_write_text(Path(path), self.hf.to_str(pretty=True))
+        path = Path(path)
+        atomic_write_text(path, self.hf.to_str(pretty=True))
+        if self.template is not BUILTIN:
+            atomic_write_text(path.parent / TEMPLATE_FILE, json.dumps(self.template.to_dict(), indent=1, ensure_ascii=False))
+
+    def with_specials(self, names) -> "Tokenizer":
+        """A copy with the special tokens it lacks added after its vocabulary (GPT-1's task tokens for an
+        imported model)."""
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_special_tokens([t for t in names if t not in self.special])
+        return Tokenizer(hf, None if self.template is BUILTIN else self.template)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+        text = self.hf.to_str() + ("" if self.template is BUILTIN else json.dumps(self.template.to_dict(), sort_keys=True))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- use
 
@@ -103,29 +129,38 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)
 
-    # ---------------------------------------------------------------- the chat template (the only one)
+    def markup(self, text: str) -> list[int]:
+        """The template's own text: its special tokens by id, the rest as text."""
+        ids = []
+        for i, piece in enumerate(self._markup.split(text)):
+            ids += [self.special[piece]] if i % 2 else self.encode(piece) if piece else []
+        return ids
+
+    # ---------------------------------------------------------------- the chat template (the one code path)
     #
-    #   <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
+    #   gptstack's: <|system|>You are terse.<|end|><|user|>Hi<|end|><|assistant|>Hello.<|end|>
+    #   SmolLM2's:  <|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n…
     #
-    # Each turn is its role token, the content's text tokens, and <|end|>. Content is encoded as text,
-    # so a message cannot forge a turn. For generation the template ends with an open <|assistant|>,
-    # and the model's <|end|> closes its turn.
+    # Each turn is the template's prefix, the content's text tokens and the suffix. Content is encoded as text,
+    # so a message cannot forge a turn. For generation the ids end with an open assistant prefix, and the
+    # model's stop token (<|end|>, <|im_end|>) closes its turn.
 
     def render_chat(self, messages: list[dict], for_generation: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and, for training, which of them are the assistant's to learn
-        (its content and the <|end|> that closes it; never the role token)."""
-        ids, learn = [], []
-        end = self.special["<|end|>"]
-        for m in messages:
+        (its content and the stop token that closes it; never the template's other text)."""
+        t = self.template
+        ids = self.markup(t.begin)
+        learn = [False] * len(ids)
+        for m in t.turns(messages):
             role = m["role"]
-            if role not in CHAT_ROLES:
-                raise GptstackError(f"unknown chat role {role!r} (roles: {', '.join(CHAT_ROLES)})")
-            body = self.encode(m["content"]) + [end]
-            ids += [self.special[f"<|{role}|>"]] + body
-            learn += [False] + [role == "assistant"] * len(body)
+            head, body, tail = self.markup(t.prefix[role]), self.encode(t.content(m)), self.markup(t.suffix[role])
+            closed = tail.index(self.end) + 1 if self.end in tail else len(tail)
+            ids += head + body + tail
+            learn += [False] * len(head) + [role == "assistant"] * (len(body) + closed) + [False] * (len(tail) - closed)
         if for_generation:
-            ids.append(self.special["<|assistant|>"])
-            learn.append(False)
+            opening = self.markup(t.prefix["assistant"])
+            ids += opening
+            learn += [False] * len(opening)
         return ids, learn
 
     def render_prompts(self, conversations: list[list[dict]], n_ctx: int, max_new_tokens: int) -> list[list[int]]:
@@ -133,23 +168,6 @@ class Tokenizer:
         end (the request and the open turn), leaving room for the answer."""
         budget = n_ctx - min(max_new_tokens, n_ctx // 2)
         return [self.render_chat(c, for_generation=True)[0][-budget:] for c in conversations]
-
-    def parse_chat(self, ids: list[int]) -> list[dict]:
-        """The turns of rendered token ids; an unclosed last turn (a cut-off answer) is kept as it is."""
-        roles = {self.special[f"<|{r}|>"]: r for r in CHAT_ROLES}
-        end = self.special["<|end|>"]
-        turns, role, body = [], None, []
-        for i in list(ids) + [end]:
-            if i in roles or i == end:
-                if role is not None:
-                    turns.append({"role": role, "content": self.decode(body)})
-                role, body = roles.get(i), []
-            elif role is not None:
-                body.append(i)
-        return turns
-
-
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 def chat_messages(user: str, system: str | None = None, answer: str | None = None) -> list[dict]:

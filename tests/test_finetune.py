@@ -208,3 +208,41 @@ def test_a_continuations_real_line_uses_a_name_from_its_context(monkeypatch):
     for rec in tasks.continuation_task(docs, random.Random(0))["train"]:
         real = rec["choices"][rec["label"]]
         assert set(tasks.NAME.findall(real)) & set(tasks.NAME.findall(rec["context"])), rec
+
+
+def test_a_tokenizer_without_gpt1_tokens_gets_them_and_the_model_grows_to_fit(tmp_path):
+    """An imported model (SmolLM2's BPE has no <|extract|>): the three tokens join the vocabulary as mean rows."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from gptstack.convert import plain_template
+    from gptstack.checkpoint import save_state_dict
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator(["the cat sat on the mat. a dog ran.\n"] * 20,
+                           trainers.BpeTrainer(vocab_size=280, special_tokens=["<|endoftext|>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(hf, plain_template("<|endoftext|>", None))
+    torch.manual_seed(0)
+    base = GPT(ModelConfig(n_layer=1, n_embd=32, n_head=2, n_ctx=32, vocab_size=tok.vocab_size, norm="rmsnorm", mlp="swiglu",
+                           positions="rope", bias=False, tie_embeddings=False))
+    save_state_dict(base.state_dict(), tmp_path / "base" / "model.safetensors", base.metadata())
+    rows = [{"text": ["the cat sat", "a dog ran"][i % 2], "label": ["cat", "dog"][i % 2]} for i in range(32)]
+    _write(tmp_path / "train.jsonl", rows)
+    cfg = FinetuneConfig(epochs=4, head_dropout=0.0, train=TrainConfig(batch_size=8, lr=3e-3, log_every=5, device="cpu"))
+    res = finetune(cfg, "classification", tok, tmp_path / "ft", tmp_path / "train.jsonl", tmp_path / "train.jsonl", init=tmp_path / "base")
+    assert res["val"]["accuracy"] == 1.0
+    grown = Tokenizer.load(tmp_path / "ft")
+    assert grown.vocab_size == tok.vocab_size + 3 and grown.template == tok.template
+    assert [grown.special[t] for t in ("<|start|>", "<|delim|>", "<|extract|>")] == [tok.vocab_size, tok.vocab_size + 1, tok.vocab_size + 2]
+    assert [p["prediction"] for p in predict(tmp_path / "ft", grown, tmp_path / "train.jsonl")] == [r["label"] for r in rows]
+
+
+def test_grown_rows_are_the_mean_row_and_the_old_logits_do_not_change():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(n_layer=1, n_embd=16, n_head=2, n_ctx=16, vocab_size=50, tie_embeddings=False)).eval()
+    ids = torch.randint(0, 50, (1, 8))
+    before = m(ids)[0]
+    m.grow_vocab(53)
+    after = m(ids)[0]
+    assert after.shape[-1] == 53 and torch.equal(after[..., :50], before)
+    assert torch.allclose(m.wte.weight[50:], m.wte.weight[:50].mean(0).expand(3, -1))

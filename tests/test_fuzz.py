@@ -2,7 +2,6 @@
 (or a config), or one GptstackError line naming the file and line (or the key); never a traceback."""
 import json
 import string
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings

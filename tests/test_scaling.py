@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptstack import config, scaling
+from gptstack import scaling
 from gptstack.stages import RunConfig
 from gptstack.stages import scale as ladder
 from gptstack.cli import main

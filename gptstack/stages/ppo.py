@@ -153,7 +153,7 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
     figures["rm_score"] = float(scores.mean())
     if reference is None:
         return figures, samples
-    gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.special["<|end|>"], tok.pad, seed=p.seed)
+    gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.end, tok.pad, seed=p.seed)
     ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
     device = next(policy.parameters()).device
     ids, mask = ids.to(device), mask.to(device)

@@ -59,13 +59,15 @@ class FinetuneConfig:
 
 # ---------------------------------------------------------------- input transformations
 
+GPT1_TOKENS = ("<|start|>", "<|delim|>", "<|extract|>")  # the input transformations' start, delimiter and extract
+
+
 class TaskEncoder:
     def __init__(self, tok: Tokenizer, kind: str, max_len: int, truncate: str = "left"):
         if truncate not in ("left", "right"):
             raise GptstackError(f"truncate must be 'left' or 'right', got {truncate!r}")
         self.tok, self.kind, self.max_len, self.truncate = tok, kind, max_len, truncate
-        s = tok.special
-        self.start, self.delim, self.extract = s["<|start|>"], s["<|delim|>"], s["<|extract|>"]
+        self.start, self.delim, self.extract = (tok.special[t] for t in GPT1_TOKENS)
 
     def _cut(self, ids: list[int], n: int) -> list[int]:
         if len(ids) <= n:
@@ -242,6 +244,9 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
     lm_coef = cfg.lm_coef if lm_coef is None else lm_coef
     torch.manual_seed(cfg.train.seed)
     gpt = load_model(init) if init is not None else GPT(model_cfg)
+    if any(t not in tok.special for t in GPT1_TOKENS):  # an imported model: GPT-1's input tokens join its vocabulary
+        tok = tok.with_specials(GPT1_TOKENS)
+        gpt.grow_vocab(tok.vocab_size)
     gpt.train()
     max_len = min(cfg.max_len or gpt.cfg.n_ctx, gpt.cfg.n_ctx)
     encoder = TaskEncoder(tok, kind, max_len, cfg.truncate)
@@ -278,6 +283,7 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
     if result["truncated"]:
         print(f"[{desc}] note: {result['truncated']} inputs were longer than {max_len} tokens and were cut on the {cfg.truncate}")
     atomic_write_json(out / "summary.json", result)
+    tok.save(out / "tokenizer.json")  # the model's own tokenizer (grown for an imported model); predict finds it here
     return result
 
 

@@ -215,7 +215,7 @@ class PPOObjective:
         self.rollout, self.rollout_index, self.stats = None, -1, {}
         self._loop, self._next_step = None, None
         self._flops = flops_per_token
-        self.end = tok.special["<|end|>"]
+        self.end = tok.end
 
     # the adaptive β is the objective's only state; the Trainer keeps it in the checkpoint
     def state_dict(self) -> dict:
