@@ -152,7 +152,9 @@ def cmd_eval(args):
         cfg.data.sources = [_parse_source(s) for s in args.data]
     model = load_model(model_dir, "auto")
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(model_dir))
-    sampler = build_sampler(cfg.data, tok, model.cfg.n_ctx, seed=0)
+    if (args.seq_len or 0) > model.cfg.n_ctx:
+        raise GptstackError(f"--seq-len {args.seq_len} exceeds the model's context of {model.cfg.n_ctx} tokens")
+    sampler = build_sampler(cfg.data, tok, args.seq_len or model.cfg.n_ctx, seed=0)
     print(json.dumps(lm_metrics(model, sampler, tok.vocab_size), indent=1))
 
 
@@ -317,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="RUN/STAGE folder")
     e.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
     e.add_argument("--data", action="append", default=[], metavar="SPEC", help="data source(s) (default: the run's)")
+    e.add_argument("--seq-len", type=number(int, 1), help="tokens per scored window (default: the model's context; "
+                   "shorter for an imported model whose context is longer than your data's val split)")
     e.set_defaults(func=cmd_eval)
     e = esub.add_parser("prompting", help="zero-, one- and few-shot prompting tasks (GPT-2/GPT-3 style), a K sweep",
                         epilog="A task is a built-in name (cloze, continuation, arithmetic, docstring_name) or a task "

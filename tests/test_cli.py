@@ -82,6 +82,16 @@ def test_sample_and_eval_and_tokenizer_verbs(trained_run):
     assert dec.stdout == "x = 1"
 
 
+def test_eval_lm_scores_windows_shorter_than_the_context(random_model_dir, tmp_path):
+    """An imported model's context can be longer than a data file's val split: --seq-len scores shorter windows."""
+    (tmp_path / "t.txt").write_text("def f(x): return x + 1\nthe cat sat\n" * 60)
+    e = run_cli("eval", "lm", "--model", random_model_dir, "--data", tmp_path / "t.txt", "--seq-len", "16")
+    assert e.returncode == 0, e.stderr
+    assert json.loads(e.stdout)["val_tokens"] % 16 == 0
+    assert_clean_error(run_cli("eval", "lm", "--model", random_model_dir, "--data", tmp_path / "t.txt", "--seq-len", "65"),
+                       "--seq-len 65 exceeds the model's context of 64 tokens")
+
+
 def test_corrupt_checkpoint_is_a_one_line_error(trained_run, tmp_path):
     import shutil
     run = tmp_path / "copy"

@@ -232,6 +232,13 @@ def test_judge_mode_reads_the_letter_probabilities(setup):
     assert rules.classify("I can't help with that.", prompts[0].user) == max(probs, key=probs.get)
 
 
+def test_a_judge_model_reads_with_its_own_tokenizer(setup, random_model_dir):
+    """The judge may be another run's model or an imported one: its letters and question are in its own vocabulary."""
+    from gptstack.stages.ppo import load_rules
+    rules = load_rules(dataclasses.replace(PPOConfig(), rbrm="world", rbrm_judge=str(random_model_dir)))
+    assert rules.judge.tok.fingerprint() == Tokenizer.load(random_model_dir).fingerprint() != setup[0].fingerprint()
+
+
 def test_win_rate_counts_ties_half_and_splits_correctness_from_style():
     from gptstack.stages.ppo import win_rate
     ours = [{"gold_score": 1.0, "correct": True}, {"gold_score": 0.6, "correct": False},

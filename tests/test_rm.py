@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gptstack.chat_template import ROLES, ChatTemplate
 from gptstack.model import ModelConfig
 from gptstack.data.records import read_rankings
 from gptstack.errors import GptstackError
@@ -60,6 +61,18 @@ def per_prompt_loop(model, tok, records) -> tuple[torch.Tensor, float, float]:
             accuracies.append(sum(correct) / len(correct))
             right, pairs = right + sum(correct), pairs + len(correct)
     return torch.stack(losses).mean(), sum(accuracies) / len(accuracies), right / pairs
+
+
+def test_the_reward_reads_the_stop_token_that_closes_the_answer_as_ppo_does(tok):
+    """A template whose turns end in text after the stop token (ChatML's newline after <|im_end|>): PPO's sampled
+    answers end at the stop, so the answer the reward model learns on ends there too."""
+    lined = Tokenizer(tok.hf, ChatTemplate(prefix={r: f"<|{r}|>" for r in ROLES}, suffix={r: "<|end|>\n" for r in ROLES},
+                                           stop="<|end|>", eos="<|endoftext|>"))
+    conv = chat_messages("Say hi.", "Be brief.", "hi there")
+    for t in (tok, lined):
+        assert encode_answer(t, conv, 64) == t.render_chat(conv[:-1], for_generation=True)[0] + t.encode("hi there") + [t.end]
+    assert encode_answer(tok, conv, 64) == tok.render_chat(conv)[0]  # gptstack's own template: the whole conversation
+    assert encode_answer(lined, conv, 5) == encode_answer(lined, conv, 64)[-5:]
 
 
 def test_k_way_loss_and_gradients_equal_the_explicit_per_prompt_loop(tok):

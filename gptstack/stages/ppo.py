@@ -196,9 +196,11 @@ def against_sft(ppo, no_ptx, sft, rm: RewardModel, tok, prompts: Prompts, p):
     return ours, samples, base, base_samples, win_rate(samples, base_samples, key), nop
 
 
-def load_rules(p, tok):
+def load_rules(p):
+    """The rubric, with its judge model (which reads with its own tokenizer: it may be another run's, or an imported one)."""
     from ..rewards.rbrm import Judge, RuleBasedRewards
-    return RuleBasedRewards.load(p.rbrm, Judge(load_model(p.rbrm_judge), tok) if p.rbrm_judge else None)
+    judge = Judge(load_model(p.rbrm_judge), Tokenizer.load(find_tokenizer(p.rbrm_judge))) if p.rbrm_judge else None
+    return RuleBasedRewards.load(p.rbrm, judge)
 
 
 def rbrm_agreement(rules, rankings: Path, cfg) -> dict:
@@ -244,7 +246,7 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed) if p.ptx_coef > 0 else None
     extra_rewards = None
     if p.rbrm:
-        rules = load_rules(p, tok)
+        rules = load_rules(p)
 
         def extra_rewards(which, texts):  # the rubric sees the request's text and the answer, nothing else
             return [rules.reward(prompts.request(i), t) for i, t in zip(which, texts)]
@@ -418,7 +420,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
                      **{f"sft_{k}": v for k, v in dev_base.items() if not isinstance(v, dict) and k != "n"},
                      **({"no_ptx": dev_nop} if dev_nop is not None else {})}
     if p.rbrm and prompts.suite is not None and (rm_dir / "rankings_test.jsonl").is_file():
-        rules = load_rules(p, tok)
+        rules = load_rules(p)
         result |= rbrm_agreement(rules, rm_dir / "rankings_test.jsonl", cfg)
         if (rm_dir / "rankings_val.jsonl").is_file():
             result["dev"] |= rbrm_agreement(rules, rm_dir / "rankings_val.jsonl", cfg)

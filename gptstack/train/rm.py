@@ -76,9 +76,13 @@ def reward_metadata(gpt: GPT) -> dict[str, str]:
 # ---------------------------------------------------------------- data
 
 def encode_answer(tok: Tokenizer, messages: list[dict], n_ctx: int) -> list[int]:
-    """A conversation ending in the answer to score (closed by <|end|>), in the chat template; an over-long
-    one loses its start, so the reward still reads the answer's end."""
-    return tok.render_chat(messages)[0][-n_ctx:]
+    """A conversation ending in the answer to score, in the chat template, cut right after the stop token that
+    closes the answer (<|end|>, <|im_end|>): where PPO's sampled answers end, so the reward reads the same token
+    in training as in PPO (never the template's text after the stop, as ChatML's newline). An over-long one
+    loses its start, so the reward still reads the answer's end."""
+    ids, learn = tok.render_chat(messages)
+    end = next((i + 1 for i in range(len(learn) - 1, -1, -1) if learn[i]), len(ids))  # after the answer's last learned token
+    return ids[:end][-n_ctx:]
 
 
 class Rankings:
