@@ -126,12 +126,13 @@ def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch_size
                 raise GptstackError(f"a continuation of {len(cont)} tokens does not fit the context of {n_ctx}")
             seq = (ctx + cont)[-(n_ctx + 1):]
             rows.append((seq, len(cont)))
-        logits = model(right_pad([seq[:-1] for seq, _ in rows], 0).to(device))[0]
+        hidden = model.hidden(right_pad([seq[:-1] for seq, _ in rows], 0).to(device))
         for r, (i, (seq, n)) in enumerate(zip(idx, rows)):
             L = len(seq) - 1
             cont = torch.tensor(seq[-n:], device=device)
-            lp = token_logprobs(logits[r, L - n:L], cont)
-            out[i] = (lp.sum().item(), bool((logits[r, L - n:L].argmax(-1) == cont).all()))
+            logits = model.logits(hidden[r, L - n:L])  # only where the continuation is predicted: V is large
+            lp = token_logprobs(logits, cont)
+            out[i] = (lp.sum().item(), bool((logits.argmax(-1) == cont).all()))
     model.train(was)
     return out
 
