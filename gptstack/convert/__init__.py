@@ -1,14 +1,14 @@
 """Real pretrained models in and out: Hugging Face folders (hf.py) and GGUF files (gguf.py).
 
-A reader returns an `Imported`: the gptstack model with the weights in its own layout, the model's BPE as an
-HF `tokenizers` object, its chat template (the Jinja source the model ships) and its special tokens. `save`
-turns that into an ordinary gptstack model folder (model.safetensors with the config in its header,
-tokenizer.json, chat_template.json) that every verb takes. The writers take a loaded model and its Tokenizer.
+A reader returns an `Imported` (imported.py): the gptstack model with the weights in its own layout, the
+model's BPE as an HF `tokenizers` object, its chat template (the Jinja source the model ships) and its special
+tokens. `import_model` turns that into an ordinary gptstack model folder (model.safetensors with the config in
+its header, tokenizer.json, chat_template.json) that every verb takes. The writers take a loaded model and its Tokenizer.
 """
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -17,18 +17,8 @@ from ..chat_template import ChatTemplate
 from ..checkpoint import find_tokenizer, load_model, save_state_dict
 from ..errors import GptstackError
 from ..io import atomic_replace_dir, atomic_write_json
-from ..model import GPT
 from ..tokenizer import Tokenizer
-
-
-@dataclass
-class Imported:
-    model: GPT
-    tokenizer: HFTokenizer
-    chat_template: str | None  # the Jinja source, as in tokenizer_config.json or tokenizer.chat_template
-    bos: str | None  # the tokens' text, e.g. "<|endoftext|>"; None when the model has none
-    eos: str | None
-    source: str  # what was read, for the folder's provenance
+from .imported import Imported
 
 
 def plain_template(eos: str, bos: str | None) -> ChatTemplate:
@@ -44,7 +34,7 @@ def tokenizer_of(imported: Imported) -> Tokenizer:
     specials = [t.content for t in imported.tokenizer.get_added_tokens_decoder().values() if t.special]
     template = (ChatTemplate.from_jinja(imported.chat_template, specials, imported.bos, imported.eos, imported.source)
                 if imported.chat_template else plain_template(imported.eos, imported.bos))
-    return Tokenizer(imported.tokenizer, template)
+    return Tokenizer(HFTokenizer.from_str(imported.tokenizer.to_str()), template)  # a copy: Tokenizer sets its options
 
 
 def read_model(src) -> Imported:

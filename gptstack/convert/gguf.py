@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import GptstackError
 from ..model import GPT, ModelConfig
-from . import Imported
+from .imported import Imported
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

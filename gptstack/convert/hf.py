@@ -23,7 +23,7 @@ from ..config import from_dict
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import GPT, ModelConfig
-from . import Imported
+from .imported import Imported
 
 # gptstack module: Hugging Face module(s), under "transformer." / "model." (lm_head sits at the top). A module's
 # .weight and .bias map alike; a tuple is stacked along the rows (dim 0) into the one gptstack matrix.
