@@ -53,9 +53,6 @@ def import_model(src, out) -> dict:
     """`gptstack import`: the model as an ordinary gptstack model folder, written whole or not at all."""
     imported = read_model(src)
     tok = tokenizer_of(imported)
-    if tok.vocab_size > imported.model.cfg.vocab_size:
-        raise GptstackError(f"{imported.source}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                            f"{imported.model.cfg.vocab_size} embeddings")
     out = Path(out)
     tmp = out.with_name(out.name + ".importing")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import GptstackError
 from ..model import GPT, ModelConfig
-from .imported import Imported
+from .imported import Imported, stacked_rows
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -97,14 +97,6 @@ def rope_rows(w: torch.Tensor, heads: int, to_gguf: bool) -> torch.Tensor:
     (rows 0, D/2, 1, D/2 + 1, ...). Both then compute the same attention."""
     split = (heads, 2, -1) if to_gguf else (heads, -1, 2)
     return w.reshape(*split, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def _rows(gguf_name: str, cfg: ModelConfig) -> int:
-    """How many rows of a stacked gptstack matrix the GGUF tensor holds."""
-    D = cfg.head_dim
-    part = gguf_name.split(".")[-2]
-    return {"attn_q": cfg.n_head * D, "attn_k": cfg.kv_heads * D, "attn_v": cfg.kv_heads * D,
-            "ffn_gate": cfg.hidden_width, "ffn_up": cfg.hidden_width}[part]
 
 
 def _rope_heads(gguf_name: str, cfg: ModelConfig) -> int | None:
@@ -248,7 +240,7 @@ def write_gguf(model: GPT, tokenizer, out: Path, dtype: str = "f16") -> None:
     for name, t in model.state_dict().items():
         names = gguf_names(name, arch)
         t = t.detach().float().cpu()
-        for g, rows in zip(names, t.split([_rows(g, cfg) for g in names]) if len(names) > 1 else [t]):
+        for g, rows in zip(names, t.split(stacked_rows(cfg, name, len(t))), strict=True):
             heads = _rope_heads(g, cfg)
             data, q = _quantize(g, (rows if heads is None else rope_rows(rows, heads, to_gguf=True)).numpy(), qtype)
             w.add_tensor(g, data, raw_dtype=q)

@@ -23,7 +23,7 @@ from ..config import from_dict
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import GPT, ModelConfig
-from .imported import Imported
+from .imported import Imported, stacked_rows
 
 # gptstack module: Hugging Face module(s), under "transformer." / "model." (lm_head sits at the top). A module's
 # .weight and .bias map alike; a tuple is stacked along the rows (dim 0) into the one gptstack matrix.
@@ -229,7 +229,7 @@ def write_hf(model: GPT, tokenizer, out: Path) -> None:
     state = {}
     for name, t in model.state_dict().items():
         hs = hf_names(table, name)
-        for h, piece in zip(hs, rows(cfg, name, t, len(hs))):
+        for h, piece in zip(hs, t.split(stacked_rows(cfg, name, len(t))), strict=True):
             state[h if h.startswith("lm_head.") else body + h] = piece.T if conv1d(table, name) else piece
     save_state_dict(state, out / "model.safetensors", {"format": "pt"})  # transformers checks the format
 
@@ -240,16 +240,6 @@ def write_hf(model: GPT, tokenizer, out: Path) -> None:
     tc = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "chat_template": jinja,
           "model_max_length": cfg.n_ctx, "clean_up_tokenization_spaces": False}
     atomic_write_json(out / "tokenizer_config.json", {k: v for k, v in tc.items() if v is not None})
-
-
-def rows(cfg: ModelConfig, name: str, t: torch.Tensor, n: int):
-    """gptstack's matrix cut back into the n Hugging Face ones stacked in it: q, k, v heads; or gate, up."""
-    if n == 1:
-        return (t,)
-    if name.endswith("attn.qkv.weight"):
-        q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        return t.split([q, kv, kv])
-    return t.chunk(2)
 
 
 def exportable(cfg: ModelConfig) -> None:
