@@ -23,7 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import GptstackError
 from ..model import GPT, ModelConfig
-from .imported import Imported, stacked_rows
+from .imported import Imported, assemble, stacked_rows
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -134,22 +134,16 @@ def read_gguf(path: Path) -> Imported:
         raise GptstackError(f"{path}: the metadata gives an impossible model: {problem[0]} {problem[1]}")
 
     tensors = {t.name: _dequantize(t, path) for t in reader.tensors}
-    model = GPT(cfg)
-    state = {}
-    for name, param in model.state_dict().items():
-        names, parts = gguf_names(name, arch), []
-        for g in names:
-            if g not in tensors:
-                raise GptstackError(f"{path}: tensor {g} is missing")
-            heads = _rope_heads(g, cfg)
-            parts.append(tensors.pop(g) if heads is None else rope_rows(tensors.pop(g), heads, to_gguf=False))
-        state[name] = torch.cat(parts)
-        if state[name].shape != param.shape:
-            raise GptstackError(f"{path}: tensor {' + '.join(names)} has shape {tuple(state[name].shape)}, "
-                                f"the metadata says {tuple(param.shape)}")
+    with torch.device("meta"):  # the shapes only; the weights come from the file
+        model = GPT(cfg)
+
+    def take(_, g, t):  # q and k back from llama.cpp's interleaved rotary rows
+        heads = _rope_heads(g, cfg)
+        return t if heads is None else rope_rows(t, heads, to_gguf=False)
+    state = assemble(model, tensors, lambda name: gguf_names(name, arch), take, str(path))
     if tensors:
         raise GptstackError(f"{path}: tensor {next(iter(tensors))} is not supported (gptstack's {arch} has no such weight)")
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     model.eval()
 
     bos, eos = (meta(f"tokenizer.ggml.{which}_token_id", None) for which in ("bos", "eos"))

@@ -23,7 +23,7 @@ from ..config import from_dict
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import GPT, ModelConfig
-from .imported import Imported, stacked_rows
+from .imported import Imported, assemble, stacked_rows
 
 # gptstack module: Hugging Face module(s), under "transformer." / "model." (lm_head sits at the top). A module's
 # .weight and .bias map alike; a tuple is stacked along the rows (dim 0) into the one gptstack matrix.
@@ -85,18 +85,8 @@ def read_hf(folder: Path) -> Imported:
     tensors, source = read_tensors(folder)
     with torch.device("meta"):  # the shapes only; the weights come from the files
         model = GPT(cfg)
-    state = {}
-    for name, want in model.state_dict().items():
-        names, parts = hf_names(table, name), []
-        for h in names:
-            if h not in tensors:
-                raise GptstackError(f"{source}: no tensor '{h}' (gptstack's {name})")
-            t = tensors.pop(h).float()
-            parts.append(t.T if conv1d(table, name) else t)
-        if sum(len(p) for p in parts) != len(want) or any(p.shape[1:] != want.shape[1:] for p in parts):
-            raise GptstackError(f"{source}: {', '.join(names)} shaped {', '.join(str(tuple(p.shape)) for p in parts)} "
-                                f"do not make the {tuple(want.shape)} that {path} implies")
-        state[name] = torch.cat(parts)
+    state = assemble(model, tensors, lambda name: hf_names(table, name),
+                     lambda name, _, t: t.float().T if conv1d(table, name) else t.float(), str(source))
     extra = [k for k in tensors if not BUFFERS.search(k) and not (k == "lm_head.weight" and cfg.tie_embeddings)]
     if extra:
         raise GptstackError(f"{source}: tensors gptstack's {kind} has no place for: {', '.join(sorted(extra)[:5])}")

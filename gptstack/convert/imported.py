@@ -3,9 +3,13 @@ how gptstack's stacked matrices split into the separate ones other formats keep.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+import torch
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..errors import GptstackError
 from ..model import GPT, ModelConfig
 
 
@@ -28,3 +32,21 @@ def stacked_rows(cfg: ModelConfig, name: str, rows: int) -> list[int]:
     if cfg.mlp == "swiglu" and name.endswith("mlp.fc.weight"):
         return [cfg.hidden_width] * 2
     return [rows]
+
+
+def assemble(model: GPT, tensors: dict[str, torch.Tensor], names_of: Callable[[str], list[str]],
+             take: Callable[[str, str, torch.Tensor], torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """gptstack's state dict from a file's tensors: each parameter is the tensors `names_of` it gives, each through
+    `take(name, its name there, tensor)` (a layout change), stacked along the rows. Used tensors are removed from `tensors`, so what is left over
+    is what the model has no place for."""
+    state = {}
+    for name, want in model.state_dict().items():
+        names = names_of(name)
+        missing = next((n for n in names if n not in tensors), None)
+        if missing is not None:
+            raise GptstackError(f"{where}: no tensor '{missing}' (gptstack's {name})")
+        state[name] = torch.cat([take(name, n, tensors.pop(n)) for n in names])
+        if state[name].shape != want.shape:
+            raise GptstackError(f"{where}: {' + '.join(names)} make a {tuple(state[name].shape)} matrix; "
+                                f"the model's config implies {tuple(want.shape)}")
+    return state
