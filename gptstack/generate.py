@@ -115,7 +115,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
 def respond(model: GPT, tok, conversations: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
             top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[tuple[str, Generation]]:
     """The assistant's next turn for each conversation (chat messages): (text, Generation) pairs. A turn cut off
-    by the length limit keeps its text; `Generation.finished` says whether it closed with <|end|>."""
+    by the length limit keeps its text; `Generation.finished` says whether it closed with the template's stop token."""
     end = tok.end
     out = []
     for start in range(0, len(conversations), batch_size):

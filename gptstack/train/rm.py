@@ -81,7 +81,7 @@ def encode_answer(tok: Tokenizer, messages: list[dict], n_ctx: int) -> list[int]
     in training as in PPO (never the template's text after the stop, as ChatML's newline). An over-long one
     loses its start, so the reward still reads the answer's end."""
     ids, learn = tok.render_chat(messages)
-    end = next((i + 1 for i in range(len(learn) - 1, -1, -1) if learn[i]), len(ids))  # after the answer's last learned token
+    end = max((i + 1 for i, keep in enumerate(learn) if keep), default=len(ids))  # after the answer's last learned token
     return ids[:end][-n_ctx:]
 
 
