@@ -7,21 +7,34 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_instruct import add_flags, add_instruction_verbs, add_sampling_args, add_settings_args, number, settings
+from .cli_instruct import FLAG_HELP, add_flags, add_instruction_verbs, add_sampling_args, add_settings_args, number, settings
 from .errors import GptstackError
 
 EPILOG = """config: --preset NAME, then --config FILE.yaml (repeatable), then key=value overrides,
 e.g. `pretrain.lr=3e-4 model.n_layer=6`. `gptstack presets` lists the presets."""
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, every_stage: bool = False) -> None:
     p.add_argument("--preset", default="tiny", help="named preset (default: tiny)")
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config merged over the preset")
     p.add_argument("--data", action="append", default=[], metavar="SPEC",
                    help="a data source, PATH[@WEIGHT]: stdlib, a file, folder, glob, .jsonl, .parquet, hf:NAME[:split] "
                         "or a saved dataset folder; repeat for a weighted mixture (replaces the preset's sources)")
-    add_flags(p, {"--strategy": "pretrain.strategy"})
+    if every_stage:  # the pipeline: one strategy for every stage that trains
+        p.add_argument("--strategy", choices=["ddp", "fsdp"], help=f"{FLAG_HELP['pretrain.strategy']}, for every stage "
+                       f"that trains (sets {', '.join(strategy_keys())}; a key=value override still wins)")
+    else:
+        add_flags(p, {"--strategy": "pretrain.strategy"})
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def strategy_keys() -> list[str]:
+    """The strategy key of every section that trains: pretrain.strategy and each stage's train.strategy."""
+    import typing
+    from .stages.base import sections
+    from .train.trainer import TrainConfig
+    return [f"{name}.strategy" if cls is TrainConfig else f"{name}.train.strategy" for name, cls in sections().items()
+            if cls is TrainConfig or typing.get_type_hints(cls).get("train") is TrainConfig]
 
 
 def _resolve(args):
@@ -48,9 +61,17 @@ def _parse_source(spec: str):
 
 # ---------------------------------------------------------------- verbs
 
+def pipeline_settings(args):
+    """The pipeline's RunConfig: its --strategy goes to every stage that trains, before the key=value overrides
+    (which win)."""
+    if args.strategy:
+        args.overrides = [f"{key}={args.strategy}" for key in strategy_keys()] + list(args.overrides)
+    return _resolve(args)
+
+
 def cmd_pipeline(args):
     from .pipeline import all_stages, default_stages, run_pipeline
-    cfg = _resolve(args)
+    cfg = pipeline_settings(args)
     stages = all_stages() if args.stages == "all" else args.stages.split(",") if args.stages else default_stages()
     report = run_pipeline(cfg, Path(args.out), stages)
     if report:
@@ -85,6 +106,9 @@ def cmd_finetune(args):
     model_cfg = load_model(args.init).cfg
     result = finetune(cfg.finetune, args.task, tok, out, Path(args.data), Path(args.val) if args.val else None,
                       Path(args.test) if args.test else None, init=None if args.scratch else Path(args.init), model_cfg=model_cfg)
+    from .train.distributed import is_main
+    if not is_main():
+        return
     print(json.dumps({k: result[k] for k in ("labels", "val", "test") if k in result}))
 
 
@@ -269,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    + "; ".join(f"{s.name}: {s.help}" for s in STAGES)
                    + f". Default: {','.join(default_stages())}; 'all' leaves out "
                    + f"{','.join(s.name for s in STAGES if s.name not in all_stages()) or 'nothing'}. Finished stages are skipped.")
-    _add_config_args(p)
+    _add_config_args(p, every_stage=True)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("pretrain", help="next-token pretraining (GPT-1 L1) into RUN/pretrain; resumes if interrupted",
@@ -290,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
     p.add_argument("--scratch", action="store_true", help="same architecture, random weights (the baseline)")
     p.add_argument("--out", required=True, help="output folder for the fine-tuned model")
-    add_settings_args(p, "finetune", "finetune.lm_coef=0 finetune.train.lr=1e-4")
+    add_settings_args(p, "finetune", "finetune.lm_coef=0 finetune.train.lr=1e-4", {"--strategy": "finetune.train.strategy"})
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("predict", help="label new records with a fine-tuned model")

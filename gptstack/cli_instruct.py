@@ -13,11 +13,21 @@ def _stage_folder(source: str, out: str | None, stage: str):
     return Tokenizer.load(find_tokenizer(source)), Path(out) if out else Path(source).parent / stage
 
 
-def _keep_tokenizer(tok, folder: Path) -> None:
+def _keep_tokenizer(tok, folder: Path) -> bool:
     """Once the stage has run: an output outside a run folder gets its own copy of the tokenizer, so chat and later
-    stages find it (written last, so a refused run leaves no folder behind)."""
-    if not (folder.parent / "tokenizer.json").is_file():
+    stages find it (written last, so a refused run leaves no folder behind). Under torchrun rank 0 writes it and
+    speaks: returns whether this is that rank."""
+    from .train.distributed import is_main
+    if is_main() and not (folder.parent / "tokenizer.json").is_file():
         tok.save(folder / "tokenizer.json")
+    return is_main()
+
+
+def _log(*args, **kwargs) -> None:
+    """A stage's progress lines: under torchrun, rank 0's only."""
+    from .train.distributed import is_main
+    if is_main():
+        print(*args, **kwargs)
 
 
 def add_settings_args(p, section: str, example: str, flags: dict[str, str] | None = None) -> None:
@@ -33,6 +43,10 @@ def add_settings_args(p, section: str, example: str, flags: dict[str, str] | Non
 # field, and its value becomes the override key=value, so a flag cannot drift from its setting.
 FLAG_HELP = {
     "pretrain.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
+    "finetune.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding)",
+    "sft.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
+    "rm.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
+    "ppo.train.strategy": "under torchrun: ddp (whole models per rank) or fsdp (FSDP2 sharding of all four models)",
     "sft.data": "SFT records (JSONL: messages / prompt+response / Alpaca) or 'world'",
     "sft.val_data": "validation records: the val loss, which may pick the kept checkpoint (default: every 10th record)",
     "sft.test_data": "test records: the reported test loss, never used for a choice",
@@ -122,8 +136,9 @@ def cmd_sft(args):
     from .stages.sft import run_sft
     cfg = settings(args)
     tok, out = _stage_folder(args.init, args.out, "sft")
-    r = run_sft(cfg, Path(args.init), out, tok).get("sft", {})
-    _keep_tokenizer(tok, out)
+    r = run_sft(cfg, Path(args.init), out, tok, _log).get("sft", {})
+    if not _keep_tokenizer(tok, out):
+        return
     print(f"model: {out / 'model.safetensors'}")
     if "test_loss" in r:
         print(f"test loss {r['test_loss']:.3f} (val loss {r['val_loss']:.3f})")
@@ -159,7 +174,10 @@ def cmd_compare(args):
         prompts = read_prompts(Path(args.prompts), suite)
     out = Path(args.out)
     summary = compare(args.policy, tok, prompts, r.k, r.labeler, out, r.temperatures, r.agreement, r.tie_threshold,
-                      r.max_new_tokens, r.seed)
+                      r.max_new_tokens, r.seed, r.train.device)
+    from .train.distributed import is_main
+    if not is_main():
+        return
     print(json.dumps(summary))
     if summary["labeler"] == "human":
         print(f"now rank them: gptstack label {out}")
@@ -169,8 +187,10 @@ def cmd_rm(args):
     from .stages.rm import run_rm
     cfg = settings(args)
     tok, out = _stage_folder(args.init, args.out, "rm")
-    r = run_rm(cfg, Path(args.init), out, tok, *(Path(f) if f else None for f in (args.data, args.val, args.test))).get("rm", {})
-    _keep_tokenizer(tok, out)
+    r = run_rm(cfg, Path(args.init), out, tok, *(Path(f) if f else None for f in (args.data, args.val, args.test)),
+               log=_log).get("rm", {})
+    if not _keep_tokenizer(tok, out):
+        return
     print(f"reward model: {out / 'model.safetensors'}")
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
 
@@ -179,8 +199,9 @@ def cmd_ppo(args):
     from .stages.ppo import run_ppo
     cfg = settings(args)
     tok, out = _stage_folder(args.policy, args.out, "ppo")
-    r = run_ppo(cfg, Path(args.policy), Path(args.rm), out, tok).get("ppo", {})
-    _keep_tokenizer(tok, out)
+    r = run_ppo(cfg, Path(args.policy), Path(args.rm), out, tok, _log).get("ppo", {})
+    if not _keep_tokenizer(tok, out):
+        return
     print(f"policy: {out / 'model.safetensors'}")
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
 
@@ -203,7 +224,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--from", dest="init", required=True, help="the pretrained stage folder, e.g. runs/demo/pretrain")
     p.add_argument("--out", help="output folder (default: sft/ beside the --from folder)")
     add_settings_args(p, "sft", "sft.train.lr=1e-4 sft.epochs=3",
-                      {"--data": "sft.data", "--val": "sft.val_data", "--test": "sft.test_data"})
+                      {"--data": "sft.data", "--val": "sft.val_data", "--test": "sft.test_data", "--strategy": "sft.train.strategy"})
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("compare", help="sample K answers per prompt and have them ranked (gold, noisy or human labeler)",
@@ -228,7 +249,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--val", help="validation rankings JSONL (default: every 10th ranking of --data)")
     p.add_argument("--test", help="test rankings JSONL: the reported accuracy, never used for a choice (default: none)")
     p.add_argument("--out", help="output folder (default: rm/ beside the --from folder)")
-    add_settings_args(p, "rm", "rm.train.lr=5e-5 rm.epochs=2")
+    add_settings_args(p, "rm", "rm.train.lr=5e-5 rm.epochs=2", {"--strategy": "rm.train.strategy"})
     p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("ppo", help="RLHF: PPO-ptx against a reward model, per-token KL to SFT, rule-based rewards",
@@ -241,7 +262,7 @@ def add_instruction_verbs(sub) -> None:
                       {"--prompts": "ppo.prompts", "--val-prompts": "ppo.val_prompts", "--test-prompts": "ppo.test_prompts",
                        "--ptx-coef": "ppo.ptx_coef",
                        "--kl-coef": "ppo.kl_coef", "--kl-target": "ppo.kl_target", "--rbrm": "ppo.rbrm",
-                       "--rounds": "ppo.rounds", "--versus": "ppo.versus"})
+                       "--rounds": "ppo.rounds", "--versus": "ppo.versus", "--strategy": "ppo.train.strategy"})
     p.set_defaults(func=cmd_ppo)
 
     p = sub.add_parser("label", help="rank K answers per prompt yourself (terminal UI; resumes where you stopped)",

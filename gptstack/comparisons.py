@@ -4,6 +4,9 @@ and temperatures, as InstructGPT sampled from several models), ranked by a label
 Labelers: `gold` (the world's programmatic labeler), `noisy` (a simulated person who agrees with gold
 on a configurable share of pairs, as InstructGPT's labelers agreed with each other ~73% of the time),
 or `human` (writes a to-do file for `gptstack label`).
+
+Under torchrun the ranks share the sampling (each answers its share of the prompts, answer i seeded by i, so
+the rankings are the same on any number of ranks), every rank gets every answer, and rank 0 writes the file.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from .errors import GptstackError
 from .generate import respond
 from .io import atomic_write_text
 from .tokenizer import Tokenizer
+from .train.distributed import barrier, dist_env, init_distributed, is_main
+from .train.trainer import pick_device
 from .world.instructions import InstructionSuite, NoisyLabeler, Prompt, pairwise_agreement, rank
 
 @dataclass
@@ -56,15 +61,18 @@ def sample_answers(samplers: list[Sampler], tok: Tokenizer, prompts: list, k: in
 
 def compare(policies: list[str], tok: Tokenizer, prompts: list, k: int, labeler: str, out: Path,
             temperatures: list[float] = (1.0,), agreement: float = 0.73, tie_threshold: float = 0.0,
-            max_new_tokens: int = 64, seed: int = 0) -> dict:
-    """Sample, rank and write the rankings (or the to-do file for `label`). Returns the summary. The labeler and
-    k come checked from `rm.*` (RMConfig)."""
+            max_new_tokens: int = 64, seed: int = 0, device: str = "auto") -> dict:
+    """Sample, rank and write the rankings (or the to-do file for `label`). Returns the summary, on every rank once
+    rank 0 has written the file. The labeler and k come checked from `rm.*` (RMConfig); the policies compute on
+    `device` (auto | cpu | cuda | ...: under torchrun, this rank's GPU)."""
+    init_distributed(device)
     unjudgeable = [p for p in prompts if not isinstance(p, Prompt)]
     if labeler != "human" and unjudgeable:
         p = unjudgeable[0]
         raise GptstackError(f"line {p['_line']}: prompt {p['prompt'][:60]!r} is not one of the instruction suite's, so the "
                             f"{labeler} labeler cannot judge it; use --labeler human")
-    samplers = [Sampler(load_model(pol, "auto"), t, f"{Path(pol).name}@T{t:g}") for pol in policies for t in temperatures]
+    on = pick_device(device, dist_env()[2])
+    samplers = [Sampler(load_model(pol, on), t, f"{Path(pol).name}@T{t:g}") for pol in policies for t in temperatures]
     sampled = sample_answers(samplers, tok, prompts, k, max_new_tokens, seed)
     noisy = NoisyLabeler(agreement, tie_threshold, seed) if labeler == "noisy" else None
     rows, labeled, gold_all = [], [], []
@@ -80,7 +88,9 @@ def compare(policies: list[str], tok: Tokenizer, prompts: list, k: int, labeler:
             labeled.append(row["ranks"])
             gold_all.append(gold)
         rows.append(row)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if is_main():
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    barrier()
     summary = {"prompts": len(rows), "k": k, "labeler": labeler, "samplers": [s.name for s in samplers], "file": str(out)}
     if labeled:
         pairs = [(i, j) for r in labeled for i in range(len(r)) for j in range(i + 1, len(r))]

@@ -68,3 +68,22 @@ def test_sampling_is_seeded_and_respects_top_k(model):
 def test_generation_stops_at_the_context(model):
     (g,) = generate(model, [[1] * 40], 100, temperature=0)
     assert len(g.tokens) == 8
+
+
+def test_a_rows_answer_does_not_depend_on_the_rows_batched_with_it(model):
+    """Row i samples with its own random numbers (seed, i): a prompt's answer is the same alone, in any batch padded
+    to the same length, and on any number of ranks (`generate_all`, which batches each rank's share so)."""
+    from gptstack.generate import row_seed
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [5], [4, 4], [9, 9, 9, 9], [2] * 6, [3, 1], [6] * 5]
+    everyone = generate(model, prompts, 12, temperature=1.0, seed=11, pad_to=7)
+    assert len({tuple(g.tokens) for g in everyone}) > 4
+    for rows in ([0, 2, 4, 6], [1, 3, 5, 7], [7, 6, 5, 4, 3]):  # a rank's share, in any order
+        some = generate(model, [prompts[i] for i in rows], 12, temperature=1.0, seed=[row_seed(11, i) for i in rows], pad_to=7)
+        assert [g.tokens for g in some] == [everyone[i].tokens for i in rows]
+    # each row's uniform number picks its token by the cumulative distribution: top-k 1 leaves only the argmax,
+    # and 4000 first tokens follow the softmax
+    assert [g.tokens for g in generate(model, prompts, 12, temperature=1.0, top_k=1, seed=3)] == \
+        [g.tokens for g in generate(model, prompts, 12, temperature=0)]
+    firsts = torch.tensor([g.tokens[0] for g in generate(model, [[1]] * 4000, 1, temperature=1.0, seed=5)])
+    probs = F.softmax(model(torch.tensor([[1]]))[0][0, -1], -1)
+    assert (torch.bincount(firsts, minlength=50) / 4000 - probs).abs().max() < 0.03

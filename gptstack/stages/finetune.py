@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from ..errors import GptstackError
+from ..train.distributed import broadcast_from_main
 from ..train.finetune import FinetuneConfig, finetune
 from .base import Context, Stage
 
@@ -23,7 +24,8 @@ def run(ctx: Context) -> dict:
     unknown = [t for t in [*f.tasks, *f.task_epochs] if t not in TASKS]
     if unknown:
         raise GptstackError(f"config 'finetune.tasks' / 'finetune.task_epochs': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
-    info = build_tasks(run / "finetune" / "data", seed=f.train.seed)
+    # rank 0 writes the task files; the others wait for them here (and take rank 0's list)
+    info = broadcast_from_main(build_tasks(run / "finetune" / "data", seed=f.train.seed) if ctx.rank == 0 else None)
     pretrained = run / "pretrain"
     results = {}
     for task in f.tasks:
@@ -37,11 +39,7 @@ def run(ctx: Context) -> dict:
             log(f"[finetune] {task} ({kind}), {name}")
             got[name] = finetune(task_cfg, kind, tok, run / "finetune" / task / name, files["train"], files["val"], files["test"],
                                  init=init, model_cfg=cfg.model, lm_coef=lm_coef, desc=f"{task}/{name}")
-        if not got["pretrained"]:  # a rank other than 0 under torchrun: it trained alongside, rank 0 reports
-            continue
         results[task] = task_row(info[task], got)
-    if ctx.rank != 0:
-        return {}
     return {"finetune": results}
 
 

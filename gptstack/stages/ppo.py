@@ -30,9 +30,10 @@ from ..evals.lm import windows_loss
 from ..generate import respond
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
+from ..train.distributed import across_ranks, barrier, broadcast_from_main, init_distributed, is_main, local_main_first
 from ..train.ppo import ActorCritic, PPOObjective, answer_scores, pack, sample, value_from_reward_model
 from ..train.rm import RewardModel, load_reward_model, scalar_flops_per_token
-from ..train.trainer import TrainConfig, Trainer
+from ..train.trainer import TrainConfig, Trainer, autocast, placement
 from .base import Context, Stage
 
 
@@ -137,7 +138,7 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
     """Greedy answers to `prompts`, scored by the RM exactly as the rollouts are (the sampled tokens, minus the
     no-end penalty: `answer_scores`), and by the gold labeler on the world's prompts; given a reference, the KL
     to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns (figures, the greedy
-    answers as samples)."""
+    answers as samples). Under torchrun the ranks share the sampling and scoring, and each gets every figure."""
     ids_in = tok.render_prompts(prompts.conversations, policy.cfg.n_ctx, p.max_new_tokens)
     got = respond(policy, tok, prompts.conversations, p.max_new_tokens)
     answers = [text for text, _ in got]
@@ -147,17 +148,25 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
     else:
         figures = {"n": len(answers), "mean_length": sum(map(len, answers)) / max(len(answers), 1)}
         samples = [{"messages": c, "answer": a} for c, a in zip(prompts.conversations, answers)]
-    scores, _ = answer_scores(rm, ids_in, [g.tokens for _, g in got], [g.finished for _, g in got], tok.pad, p.no_end_penalty)
-    for s, r in zip(samples, scores.tolist()):
+    greedy = [g.tokens for _, g in got]
+    length = max(len(a) + len(b) for a, b in zip(ids_in, greedy))
+    scores = across_ranks(lambda rows: answer_scores(
+        rm, [ids_in[i] for i in rows], [greedy[i] for i in rows], [got[i][1].finished for i in rows], tok.pad,
+        p.no_end_penalty, length)[0].tolist(), len(ids_in))
+    for s, r in zip(samples, scores):
         s["rm_score"] = r
-    figures["rm_score"] = float(scores.mean())
+    figures["rm_score"] = sum(scores) / len(scores)
     if reference is None:
         return figures, samples
     gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.end, tok.pad, seed=p.seed)
     ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
     device = next(policy.parameters()).device
-    ids, mask = ids.to(device), mask.to(device)
-    figures["kl"] = float(((policy.sequence_logprobs(ids) - reference.sequence_logprobs(ids)) * mask).sum(1).mean())
+
+    def kl(rows):  # Σ_t log π − log π_ref over each of this rank's answers
+        r_ids, r_mask = ids[rows].to(device), mask[rows].to(device)
+        return ((policy.sequence_logprobs(r_ids) - reference.sequence_logprobs(r_ids)) * r_mask).sum(1).tolist()
+    per_answer = across_ranks(kl, len(ids_in))
+    figures["kl"] = sum(per_answer) / len(per_answer)
     return figures, samples
 
 
@@ -196,10 +205,11 @@ def against_sft(ppo, no_ptx, sft, rm: RewardModel, tok, prompts: Prompts, p):
     return ours, samples, base, base_samples, win_rate(samples, base_samples, key), nop
 
 
-def load_rules(p):
-    """The rubric, with its judge model (which reads with its own tokenizer: it may be another run's, or an imported one)."""
+def load_rules(p, device="cpu"):
+    """The rubric, with its judge model on `device` (the judge reads with its own tokenizer: it may be another run's,
+    or an imported one)."""
     from ..rewards.rbrm import Judge, RuleBasedRewards
-    judge = Judge(load_model(p.rbrm_judge), Tokenizer.load(find_tokenizer(p.rbrm_judge))) if p.rbrm_judge else None
+    judge = Judge(load_model(p.rbrm_judge, device), Tokenizer.load(find_tokenizer(p.rbrm_judge))) if p.rbrm_judge else None
     return RuleBasedRewards.load(p.rbrm, judge)
 
 
@@ -230,6 +240,15 @@ def rbrm_agreement(rules, rankings: Path, cfg) -> dict:
 
 # ---------------------------------------------------------------- training
 
+def actor_critic(policy_dir: Path, rm_dir: Path, reference_dir: Path | None = None) -> ActorCritic:
+    """Every model PPO trains with, in one module: the policy from `policy_dir`, the value function from the RM (on
+    its normalised scale, as InstructGPT starts it), the frozen reference (SFT) and reward model. Built in CPU
+    memory; the Trainer moves or shards the whole module onto the stage's device."""
+    value = value_from_reward_model(load_reward_model(rm_dir))
+    return ActorCritic(load_model(policy_dir), value, reference=load_model(reference_dir or policy_dir),
+                       reward_model=load_reward_model(rm_dir))
+
+
 def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, prompts: Prompts,
               val_prompts: Prompts, log=print, reference_dir: Path | None = None) -> dict:
     """PPO from `policy_dir` against the RM in `rm_dir` into OUT, rolling out on `prompts` and keeping the
@@ -237,16 +256,16 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     serving), OUT/value.safetensors its value function."""
     p = dataclasses.replace(cfg.ppo, ptx_coef=ptx_coef)
     torch.manual_seed(p.train.seed)
-    policy = load_model(policy_dir)
-    value = value_from_reward_model(load_reward_model(rm_dir))  # starts as the RM (InstructGPT), on its normalised scale
-    model = ActorCritic(policy, value, reference=load_model(reference_dir or policy_dir), reward_model=load_reward_model(rm_dir))
+    model = actor_critic(policy_dir, rm_dir, reference_dir)
+    policy, value = model.policy, model.value
     if policy.cfg.n_ctx <= p.max_new_tokens:
         raise GptstackError(f"config 'ppo.max_new_tokens' ({p.max_new_tokens}) leaves no room for a prompt in the "
                             f"policy's context of {policy.cfg.n_ctx} tokens")
-    ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed) if p.ptx_coef > 0 else None
+    with local_main_first():  # one process per machine tokenizes the pretraining data into the cache, then the rest
+        ptx = build_sampler(cfg.data, tok, p.ptx_seq_len, p.seed) if p.ptx_coef > 0 else None
     extra_rewards = None
     if p.rbrm:
-        rules = load_rules(p)
+        rules = load_rules(p, placement(p.train)[0])
 
         def extra_rewards(which, texts):  # the rubric sees the request's text and the answer, nothing else
             return [rules.reward(prompts.request(i), t) for i, t in zip(which, texts)]
@@ -270,15 +289,15 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     objective = PPOObjective(p, model, tok, prompts.conversations, ptx, extra_rewards, rollout_metrics, validate, fpt)
     trainer = Trainer(train_cfg, model, objective, out, metadata={**policy.metadata(), "gptstack.kind": "actor_critic"},
                       desc=f"ppo{'' if p.ptx_coef > 0 else ' (no ptx)'}")
-    summary = trainer.fit()
-    if not trainer.is_main:
-        return {}
-    state, _ = read_weights(out / "model.safetensors")  # the kept (best or last) actor-critic
-    if any(k.startswith("policy.") for k in state):
-        save_state_dict({k[len("value."):]: v for k, v in state.items() if k.startswith("value.")},
-                        out / "value.safetensors", {**value.gpt.metadata(), "gptstack.kind": "reward_model"})
-        save_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")},
-                        out / "model.safetensors", policy.metadata())
+    summary = trainer.fit()  # rank 0's, on every rank
+    if trainer.is_main:
+        state, _ = read_weights(out / "model.safetensors")  # the kept (best or last) actor-critic
+        if any(k.startswith("policy.") for k in state):
+            save_state_dict({k[len("value."):]: v for k, v in state.items() if k.startswith("value.")},
+                            out / "value.safetensors", {**value.gpt.metadata(), "gptstack.kind": "reward_model"})
+            save_state_dict({k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")},
+                            out / "model.safetensors", policy.metadata())
+    barrier()  # the policy's own file exists before any rank reads it
     return {"steps": steps, "rollouts": p.rollouts, "selected": summary.get("selected"),
             "train_seconds": summary.get("seconds"), "final_beta": objective.kl.beta}
 
@@ -306,16 +325,18 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pr
         folder = out / f"round_{k}"
         if k > 1:
             new = folder / "rankings.jsonl"
-            if not new.is_file():
+            if not broadcast_from_main(new.is_file()):  # rank 0's view: every rank takes the same branch
                 log(f"[ppo] round {k}: ranking the current policy's answers ({cfg.rm.labeler} labeler)")
                 compare([str(policy)], tok, suite.prompts("train", cfg.rm.prompts // p.rounds, seed=cfg.rm.seed + 100 + k),
                         cfg.rm.k, cfg.rm.labeler, new, cfg.rm.temperatures, cfg.rm.agreement, cfg.rm.tie_threshold,
-                        cfg.rm.max_new_tokens, cfg.rm.seed + k)
+                        cfg.rm.max_new_tokens, cfg.rm.seed + k, device=p.train.device)
             rankings.append(new)
             combined = folder / "rankings_all.jsonl"
-            atomic_write_text(combined, "".join(r.read_text(encoding="utf-8") for r in rankings))
+            if is_main():
+                atomic_write_text(combined, "".join(r.read_text(encoding="utf-8") for r in rankings))
+            barrier()
             rm = folder / "rm"
-            if not (rm / "summary.json").is_file():
+            if not broadcast_from_main((rm / "summary.json").is_file()):
                 log(f"[ppo] round {k}: retraining the reward model on {len(rankings)} rounds of rankings")
                 run_rm(cfg, sft_dir, rm, tok, combined, rm_dir / "rankings_val.jsonl", rm_dir / "rankings_test.jsonl", log)
         log(f"[ppo] round {k} of {p.rounds}")
@@ -324,8 +345,10 @@ def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pr
         rounds.append({"round": k, "rankings": rm_summary["rankings"], "rm_gold_agreement": rm_summary.get("gold_agreement"),
                        "steps": result["steps"], "selected": result["selected"]})
         policy = folder
-    for name in ("model.safetensors", "value.safetensors"):
-        atomic_write_bytes(out / name, (policy / name).read_bytes())
+    if is_main():
+        for name in ("model.safetensors", "value.safetensors"):
+            atomic_write_bytes(out / name, (policy / name).read_bytes())
+    barrier()
     return {**result, "rounds": p.rounds, "by_round": rounds, "rollouts": per_round.ppo.rollouts * p.rounds,
             "steps": sum(r["steps"] for r in rounds)}
 
@@ -357,16 +380,16 @@ def overoptimisation(metrics_path: Path, window: int = 5) -> dict:
     return out
 
 
-def versus(policies: list[str], prompts: Prompts, ours: list[dict], max_new_tokens: int, log=print) -> dict:
+def versus(policies: list[str], prompts: Prompts, ours: list[dict], max_new_tokens: int, log=print, device="cpu") -> dict:
     """The PPO policy's greedy answers judged against other policies' (InstructGPT's headline: a small PPO
-    model against a much larger SFT one). Each brings its own tokenizer."""
+    model against a much larger SFT one), each loaded on `device`. Each brings its own tokenizer."""
     if not policies:
         return {}  # and the world stays unimported
     from ..evals.instruct import evaluate_instructions
     out = {}
     for folder in policies:
         log(f"[ppo] evaluating on {len(prompts)} held-out prompts: PPO against {folder}")
-        model = load_model(folder, "auto")
+        model = load_model(folder, device)
         figures, theirs = evaluate_instructions(model, Tokenizer.load(find_tokenizer(folder)), prompts.suite, max_new_tokens)
         wins = win_rate(ours, theirs)
         out[str(folder)] = {"params": model.num_params(), "win_rate": wins["win_rate"], "wins": wins,
@@ -375,10 +398,19 @@ def versus(policies: list[str], prompts: Prompts, ours: list[dict], max_new_toke
     return out
 
 
+def evaluation_models(run_policy: Path, out: Path, no_ptx: Path | None, rm_dir: Path, device) -> tuple:
+    """The evaluation's models on the stage's device: (SFT, PPO, PPO without ptx or None, the reward model)."""
+    return (load_model(run_policy, device), load_model(out, device),
+            load_model(no_ptx, device) if no_ptx is not None else None, load_reward_model(rm_dir, device))
+
+
 def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=print) -> dict:
-    """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation."""
+    """The whole stage: PPO-ptx (and, for the comparison, PPO without ptx), then the evaluation. Under torchrun every
+    rank runs all of it (the ranks share each Trainer's batches and each evaluation's answers); rank 0 writes."""
     t0 = time.time()
     p = cfg.ppo
+    init_distributed(p.train.device)
+    device, precision = placement(p.train)  # every model of the stage, trained or not, computes there
     train_prompts, val_prompts, prompts = prompt_sets(cfg)  # read once for every run of the stage
     if p.versus and prompts.suite is None:
         raise GptstackError("config 'ppo.versus' needs the gold labeler, so the world's prompts (ppo.prompts: world)")
@@ -386,51 +418,51 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
         result = train_rounds(cfg, run_policy, rm_dir, out, tok, train_prompts, val_prompts, log)
     else:
         result = train_ppo(cfg, run_policy, rm_dir, out, tok, p.ptx_coef, train_prompts, val_prompts, log)
-    if not result:
-        return {}
     no_ptx = None
     if p.baselines and p.ptx_coef > 0:
         log("[ppo] the same run without the ptx term, for the comparison")
         no_ptx = out / "no_ptx"
         train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, train_prompts, val_prompts, log)
 
-    sft, ppo = load_model(run_policy, "auto"), load_model(out, "auto")
-    no_ptx_model = load_model(no_ptx, "auto") if no_ptx is not None else None
-    rm = load_reward_model(rm_dir, "auto")
+    sft, ppo, no_ptx_model, rm = evaluation_models(run_policy, out, no_ptx, rm_dir, device)
     key = "gold_score" if prompts.suite is not None else "rm_score"
-    log(f"[ppo] evaluating on {len(prompts)} test prompts: PPO against SFT")
-    ours, samples, base, base_samples, wins, nop = against_sft(ppo, no_ptx_model, sft, rm, tok, prompts, p)
-    sampler = build_sampler(cfg.data, tok, sft.cfg.n_ctx, cfg.pretrain.seed)  # windows the policy's context holds
-    tokens = cfg.pretrain.eval_tokens
-    loss_sft = pretrain_val_loss(sft, sampler, tokens)
-    result |= {"split": "test", "judge": "gold labeler" if prompts.suite is not None else "reward model",
-               "win_rate_vs_sft": wins["win_rate"], "wins": wins, **ours,
-               **{f"sft_{k}": v for k, v in base.items() if k != "n"},
-               "pretrain_val_loss_sft": loss_sft,
-               "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
-    result["params"] = ppo.num_params()
-    result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log)
-    if nop is not None:
-        result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(no_ptx_model, sampler, tokens) - loss_sft
-        result["no_ptx"] = nop
-    log(f"[ppo] the same figures on {len(val_prompts)} dev prompts (they chose the kept checkpoint)")
-    dev, _, dev_base, _, dev_wins, dev_nop = against_sft(ppo, no_ptx_model, sft, rm, tok, val_prompts, p)
-    result["dev"] = {"n": len(val_prompts), "win_rate_vs_sft": dev_wins["win_rate"], "wins": dev_wins,
-                     **{k: v for k, v in dev.items() if not isinstance(v, dict) and k != "n"},
-                     **{f"sft_{k}": v for k, v in dev_base.items() if not isinstance(v, dict) and k != "n"},
-                     **({"no_ptx": dev_nop} if dev_nop is not None else {})}
-    if p.rbrm and prompts.suite is not None and (rm_dir / "rankings_test.jsonl").is_file():
-        rules = load_rules(p)
-        result |= rbrm_agreement(rules, rm_dir / "rankings_test.jsonl", cfg)
-        if (rm_dir / "rankings_val.jsonl").is_file():
-            result["dev"] |= rbrm_agreement(rules, rm_dir / "rankings_val.jsonl", cfg)
-    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(
-        {**{k: s[k] for k in ("family", "system", "prompt", "messages") if k in s}, "sft": b["answer"], "ppo": s["answer"],
-         "sft_score": b[key], "ppo_score": s[key]}) + "\n" for s, b in zip(samples, base_samples)))
+    with autocast(device, precision):
+        log(f"[ppo] evaluating on {len(prompts)} test prompts: PPO against SFT")
+        ours, samples, base, base_samples, wins, nop = against_sft(ppo, no_ptx_model, sft, rm, tok, prompts, p)
+        with local_main_first():
+            sampler = build_sampler(cfg.data, tok, sft.cfg.n_ctx, cfg.pretrain.seed)  # windows the policy's context holds
+        tokens = cfg.pretrain.eval_tokens
+        loss_sft = pretrain_val_loss(sft, sampler, tokens)
+        result |= {"split": "test", "judge": "gold labeler" if prompts.suite is not None else "reward model",
+                   "win_rate_vs_sft": wins["win_rate"], "wins": wins, **ours,
+                   **{f"sft_{k}": v for k, v in base.items() if k != "n"},
+                   "pretrain_val_loss_sft": loss_sft,
+                   "pretrain_val_loss_delta": pretrain_val_loss(ppo, sampler, tokens) - loss_sft}
+        result["params"] = ppo.num_params()
+        result["versus"] = versus(p.versus, prompts, samples, p.max_new_tokens, log, device)
+        if nop is not None:
+            result["pretrain_val_loss_delta_no_ptx"] = pretrain_val_loss(no_ptx_model, sampler, tokens) - loss_sft
+            result["no_ptx"] = nop
+        log(f"[ppo] the same figures on {len(val_prompts)} dev prompts (they chose the kept checkpoint)")
+        dev, _, dev_base, _, dev_wins, dev_nop = against_sft(ppo, no_ptx_model, sft, rm, tok, val_prompts, p)
+        result["dev"] = {"n": len(val_prompts), "win_rate_vs_sft": dev_wins["win_rate"], "wins": dev_wins,
+                         **{k: v for k, v in dev.items() if not isinstance(v, dict) and k != "n"},
+                         **{f"sft_{k}": v for k, v in dev_base.items() if not isinstance(v, dict) and k != "n"},
+                         **({"no_ptx": dev_nop} if dev_nop is not None else {})}
+        if p.rbrm and prompts.suite is not None and (rm_dir / "rankings_test.jsonl").is_file():
+            rules = load_rules(p, device)
+            result |= rbrm_agreement(rules, rm_dir / "rankings_test.jsonl", cfg)
+            if (rm_dir / "rankings_val.jsonl").is_file():
+                result["dev"] |= rbrm_agreement(rules, rm_dir / "rankings_val.jsonl", cfg)
     result["rollout_curves"] = overoptimisation(out / "metrics.jsonl" if p.rounds == 1 else out / f"round_{p.rounds}" / "metrics.jsonl")
     result["seconds"] = time.time() - t0
     summary = {"ppo": result}
-    atomic_write_json(out / "summary.json", summary)
+    if is_main():
+        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(
+            {**{k: s[k] for k in ("family", "system", "prompt", "messages") if k in s}, "sft": b["answer"], "ppo": s["answer"],
+             "sft_score": b[key], "ppo_score": s[key]}) + "\n" for s, b in zip(samples, base_samples)))
+        atomic_write_json(out / "summary.json", summary)
+    barrier()
     return summary
 
 

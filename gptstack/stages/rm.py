@@ -24,9 +24,10 @@ from ..data.records import read_rankings
 from ..evals.rm import answer_loglik, pair_agreement
 from ..io import atomic_write_json, atomic_write_text, read_json, read_jsonl_loose
 from ..tokenizer import Tokenizer
-from ..train.rm import (Rankings, RewardModel, RMObjective, check_rankings_fit, comparisons, from_policy, normalisation,
-                        reward_metadata, scalar_flops_per_token, score_rankings)
-from ..train.trainer import TrainConfig, Trainer
+from ..train.distributed import barrier, broadcast_from_main, init_distributed, is_main
+from ..train.rm import (Rankings, RewardModel, RMObjective, check_rankings_fit, comparisons, from_policy,
+                        load_reward_model, normalisation, reward_metadata, scalar_flops_per_token, score_rankings)
+from ..train.trainer import TrainConfig, Trainer, autocast, placement
 from .base import Context, Stage
 
 
@@ -66,23 +67,27 @@ RANKING_SETS = {"rankings": "train", "rankings_val": "dev", "rankings_test": "te
 
 def world_rankings(cfg, policy: Path, out: Path, tok: Tokenizer, log=print) -> tuple[list[Path], dict]:
     """Rankings of the policy's answers to the world's train prompts, dev prompts (validation) and test
-    prompts (the reported figures), by the configured labeler; made once, reused on a rerun. Returns the
-    three files and their summaries."""
+    prompts (the reported figures), by the configured labeler; made once, reused on a rerun. Under torchrun the
+    ranks share the sampling and rank 0 writes. Returns the three files and their summaries."""
     from ..comparisons import compare
     from ..world.instructions import InstructionSuite
     r = cfg.rm
     suite = InstructionSuite(seed=cfg.sft.seed)
     counts = {"train": (r.prompts, r.seed + 100), "dev": (r.val_prompts, r.seed + 200), "test": (r.test_prompts, r.seed + 300)}
+    device, precision = placement(r.train)
     made = {}
     for name, split in RANKING_SETS.items():
         n, seed = counts[split]
         path = out / f"{name}.jsonl"
         meta = out / f"{name}.summary.json"
-        if not meta.is_file():
+        if not broadcast_from_main(meta.is_file()):  # rank 0's view, so every rank takes the same branch
             log(f"[rm] sampling {r.k} answers to {n} {split} prompts and ranking them ({r.labeler} labeler)")
-            summary = compare([str(policy)], tok, suite.prompts(split, n, seed=seed), r.k, r.labeler, path,
-                              r.temperatures, r.agreement, r.tie_threshold, r.max_new_tokens, seed)
-            atomic_write_json(meta, summary)
+            with autocast(device, precision):
+                summary = compare([str(policy)], tok, suite.prompts(split, n, seed=seed), r.k, r.labeler, path,
+                                  r.temperatures, r.agreement, r.tie_threshold, r.max_new_tokens, seed, str(device))
+            if is_main():
+                atomic_write_json(meta, summary)
+            barrier()
         made[name] = read_json(meta)
     return [out / f"{name}.jsonl" for name in RANKING_SETS], made
 
@@ -102,9 +107,12 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     watched during training; test rankings give the reported figures. Returns {"rm": ...}."""
     r = cfg.rm
     t0 = time.time()
+    init_distributed(r.train.device)
+    device, precision = placement(r.train)  # every model of the stage computes there
     made = {}
     if data is None:
-        out.mkdir(parents=True, exist_ok=True)
+        if is_main():
+            out.mkdir(parents=True, exist_ok=True)
         (data, val_data, test_data), made = world_rankings(cfg, policy, out, tok, log)
     records = read_rankings(data)
     check_rankings_fit(records, data)
@@ -123,33 +131,36 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     mean_len = sum(len(s) for seqs, _ in train.examples for s in seqs) / sum(len(seqs) for seqs, _ in train.examples)
     objective = RMObjective(train, val, train_cfg.seed, scalar_flops_per_token(model.gpt, int(mean_len)))
     trainer = Trainer(train_cfg, model, objective, out, metadata=reward_metadata(model.gpt), desc="rm")
-    summary = trainer.fit()
-    if not trainer.is_main:
-        return {}
-    model = trainer.model.eval()
-    gain, bias = normalisation(model, train)  # the SFT policy's own answers score mean 0, std 1
-    model.gain.fill_(gain)
-    model.bias.fill_(bias)
-    save_state_dict(model.state_dict(), out / "model.safetensors", reward_metadata(model.gpt))
-    result = {"rankings": len(train), "pairs": train.pairs, "val_rankings": len(val), "val_pairs": val.pairs,
-              "steps": steps, "gain": gain, "bias": bias, "val_accuracy": (summary.get("final") or {}).get("val_accuracy"),
-              "tokens_per_sec": summary.get("tokens_per_sec"), "mfu": summary.get("mfu")}
-    if test is not None:
-        result |= {"split": "test", "test_rankings": len(test), "test_pairs": test.pairs,
-                   "test_accuracy": labeler_accuracy(model, test)}
-    if made:
-        c = made["rankings"]
-        result |= {"labeler": c["labeler"], "labeler_agreement": c["labeler_agreement"], "tie_fraction": c["tie_fraction"],
-                   "k": c["k"], "samplers": c["samplers"]}
-    if test is not None and _world_rows(test.records) and _world_rows(val.records):  # the world's rankings
-        loglik_model = load_model(policy, "auto")
-        log(f"[rm] agreement with the gold ranking: RM, shorter-first and log-likelihood on {len(val)} dev and "
-            f"{len(test)} test prompts")
-        result |= gold_report(model, loglik_model, tok, test, cfg, out / "test_scores.jsonl")
-        result["dev"] = {"accuracy": result["val_accuracy"], **gold_report(model, loglik_model, tok, val, cfg)}
+    summary = trainer.fit()  # rank 0's, on every rank, once the weights are published
+    # every rank scores with the published weights, whole (as trained under DDP or FSDP), on the stage's device
+    model = load_reward_model(out, device)
+    with autocast(device, precision):
+        gain, bias = normalisation(model, train)  # the SFT policy's own answers score mean 0, std 1
+        model.gain.fill_(gain)
+        model.bias.fill_(bias)
+        result = {"rankings": len(train), "pairs": train.pairs, "val_rankings": len(val), "val_pairs": val.pairs,
+                  "steps": steps, "gain": gain, "bias": bias, "val_accuracy": (summary.get("final") or {}).get("val_accuracy"),
+                  "tokens_per_sec": summary.get("tokens_per_sec"), "mfu": summary.get("mfu")}
+        if test is not None:
+            result |= {"split": "test", "test_rankings": len(test), "test_pairs": test.pairs,
+                       "test_accuracy": labeler_accuracy(model, test)}
+        if made:
+            c = made["rankings"]
+            result |= {"labeler": c["labeler"], "labeler_agreement": c["labeler_agreement"], "tie_fraction": c["tie_fraction"],
+                       "k": c["k"], "samplers": c["samplers"]}
+        if test is not None and _world_rows(test.records) and _world_rows(val.records):  # the world's rankings
+            loglik_model = load_model(policy, device)
+            log(f"[rm] agreement with the gold ranking: RM, shorter-first and log-likelihood on {len(val)} dev and "
+                f"{len(test)} test prompts")
+            result |= gold_report(model, loglik_model, tok, test, cfg, out / "test_scores.jsonl" if is_main() else None)
+            result["dev"] = {"accuracy": result["val_accuracy"], **gold_report(model, loglik_model, tok, val, cfg)}
     result["seconds"] = time.time() - t0
     summary = {"rm": result}
-    atomic_write_json(out / "summary.json", summary)
+    barrier()  # every rank has read the published weights before rank 0 replaces them with the normalised ones
+    if is_main():
+        save_state_dict(model.state_dict(), out / "model.safetensors", reward_metadata(model.gpt))
+        atomic_write_json(out / "summary.json", summary)
+    barrier()
     return summary
 
 

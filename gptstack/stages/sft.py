@@ -25,8 +25,9 @@ from ..data.records import read_sft_records
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer, chat_messages
+from ..train.distributed import barrier, init_distributed, is_main
 from ..train.sft import Demonstrations, SFTObjective, demonstrations_loss
-from ..train.trainer import TrainConfig, Trainer
+from ..train.trainer import TrainConfig, Trainer, autocast, placement
 from .base import Context, Stage
 
 
@@ -87,9 +88,12 @@ def sft_data(cfg: SFTConfig) -> SFTData:
 def run_sft(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     """SFT from a pretrained (or any gptstack) model folder into OUT; with the embedded world, the kept
     checkpoint is chosen on dev prompts, and both models (the pretrained one prompted with the same template)
-    are evaluated on test prompts. Returns the summary ({"sft": ...}), also written to OUT/summary.json."""
+    are evaluated on test prompts. Returns the summary ({"sft": ...}), also written to OUT/summary.json. Under
+    torchrun every rank runs all of it (the evaluations' answers are shared among them); rank 0 writes."""
     s = cfg.sft
     t0 = time.time()
+    init_distributed(s.train.device)
+    device, precision = placement(s.train)
     torch.manual_seed(s.train.seed)
     model = load_model(init)
     model.train()
@@ -110,9 +114,7 @@ def run_sft(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
             return {"gold_score": figures["gold_score"], "accuracy": figures["accuracy"]}
     objective = SFTObjective(train, val, train_cfg.seed, model.flops_per_token(int(mean_len)), gold_eval)
     trainer = Trainer(train_cfg, model, objective, out, metadata=model.metadata(), desc="sft")
-    summary = trainer.fit()
-    if not trainer.is_main:
-        return {}
+    summary = trainer.fit()  # rank 0's, on every rank, once the model is published
     selected = summary.get("selected")
     result = {"steps": steps, "demonstrations": len(train), "val_demonstrations": len(val),
               "truncated": train.truncated + val.truncated, "val_loss": (summary.get("final") or {}).get("val_loss"),
@@ -120,23 +122,28 @@ def run_sft(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
               "mfu": summary.get("mfu"), "train_seconds": summary.get("seconds")}
     if result["truncated"]:
         log(f"[sft] note: {result['truncated']} conversations were longer than {model.cfg.n_ctx} tokens; their start was cut")
-    if data.test is not None:
-        result |= {"split": "test", "test_loss": demonstrations_loss(load_model(out, "auto"), Demonstrations(data.test, tok, model.cfg.n_ctx))}
-    if data.test_prompts:
-        from ..evals.instruct import evaluate_instructions
-        log(f"[sft] test eval on {len(data.test_prompts)} prompts of unseen templates: the pretrained model (same template), then SFT")
-        base, _ = evaluate_instructions(load_model(init, "auto"), tok, data.test_prompts, s.max_new_tokens)
-        figures, samples = evaluate_instructions(load_model(out, "auto"), tok, data.test_prompts, s.max_new_tokens)
-        result |= {"split": "test", **figures}
-        result |= {"base_gold_score": base["gold_score"], "base_accuracy": base["accuracy"],
-                   "base_by_family": base["by_family"], "base_refusal_rate_disallowed": base["refusal_rate_disallowed"],
-                   "base_refusal_rate_allowed": base["refusal_rate_allowed"]}
-        dev = (selected or {}).get("eval") or {}  # the kept checkpoint's figures on the dev prompts that chose it
-        result["dev"] = {"n": len(data.dev_prompts), "accuracy": dev.get("accuracy"), "gold_score": dev.get("gold_score")}
-        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+    samples = None
+    with autocast(device, precision):  # the kept model, whole, on the stage's device
+        if data.test is not None:
+            result |= {"split": "test", "test_loss": demonstrations_loss(load_model(out, device), Demonstrations(data.test, tok, model.cfg.n_ctx))}
+        if data.test_prompts:
+            from ..evals.instruct import evaluate_instructions
+            log(f"[sft] test eval on {len(data.test_prompts)} prompts of unseen templates: the pretrained model (same template), then SFT")
+            base, _ = evaluate_instructions(load_model(init, device), tok, data.test_prompts, s.max_new_tokens)
+            figures, samples = evaluate_instructions(load_model(out, device), tok, data.test_prompts, s.max_new_tokens)
+            result |= {"split": "test", **figures}
+            result |= {"base_gold_score": base["gold_score"], "base_accuracy": base["accuracy"],
+                       "base_by_family": base["by_family"], "base_refusal_rate_disallowed": base["refusal_rate_disallowed"],
+                       "base_refusal_rate_allowed": base["refusal_rate_allowed"]}
+            dev = (selected or {}).get("eval") or {}  # the kept checkpoint's figures on the dev prompts that chose it
+            result["dev"] = {"n": len(data.dev_prompts), "accuracy": dev.get("accuracy"), "gold_score": dev.get("gold_score")}
     result["seconds"] = time.time() - t0
     summary = {"sft": result}
-    atomic_write_json(out / "summary.json", summary)
+    if is_main():
+        if samples is not None:
+            atomic_write_text(out / "samples.jsonl", "".join(json.dumps(r) + "\n" for r in samples))
+        atomic_write_json(out / "summary.json", summary)
+    barrier()
     return summary
 
 

@@ -54,6 +54,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_main() -> bool:
+    """Rank 0, or the one process: the rank that writes files and speaks."""
+    return dist_env()[0] == 0
+
+
 def barrier() -> None:
     if active():
         dist.barrier(group=_waiting_room)
@@ -74,6 +79,24 @@ def gather_objects(obj) -> list:
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def across_ranks(work, n: int) -> list:
+    """`work(indices) -> one result per index` for the items 0..n-1 split across the ranks (rank r takes r, r + world,
+    r + 2·world, ...), every result gathered on every rank in index order. Sampling, scoring and labeling a rollout or
+    an evaluation's answers go through here, so each rank does its share; results must be picklable (CPU tensors, lists).
+    A collective: every rank calls it with the same n (never from code that runs on rank 0 alone). With one process
+    it is `work(range(n))`."""
+    world = dist.get_world_size() if active() else 1
+    rank = dist.get_rank() if active() else 0
+    mine = list(range(rank, n, world))
+    got = list(work(mine)) if mine else []
+    if len(got) != len(mine):
+        raise ValueError(f"work returned {len(got)} results for {len(mine)} items")
+    out = [None] * n
+    for r, part in enumerate(gather_objects(got)):
+        out[r::world] = part
     return out
 
 
@@ -112,12 +135,40 @@ def shard_model(model: torch.nn.Module, device: torch.device, precision: str) ->
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    # FSDP takes the first module to run forward as its root. Sampling calls a submodule first (PPO's policy under
+    # the actor-critic), so settle the root now. (FSDP2 has no public call for this; it runs on the root's first forward.)
+    model._get_fsdp_state()._lazy_init()
     return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def whole_weights(model: torch.nn.Module):
+    """Under FSDP: every rank holds the whole weights inside the block (each unit all-gathered once, on every rank
+    together) and computes without collectives, so the ranks may sample different numbers of answers and tokens;
+    the shards return afterwards. What inference needs anyway: the whole model in its compute precision on each
+    device. Sampling and evaluation run inside it; a no-op for a whole model."""
+    if not is_sharded(model) or getattr(model, "_whole_weights", False):  # whole already (an outer block)
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    model.set_reshard_after_forward(False)  # every unit keeps its gathered weights through each forward
+    for unit in units:
+        unit.unshard()
+    model._whole_weights = True
+    try:
+        yield
+    finally:
+        model._whole_weights = False
+        for unit in units:
+            unit.reshard()
+        model.set_reshard_after_forward(True)  # FSDP's defaults: the blocks reshard after forward, the root does not
+        model.set_reshard_after_forward(False, recurse=False)
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

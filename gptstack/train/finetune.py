@@ -29,7 +29,8 @@ from ..errors import GptstackError
 from ..io import atomic_write_json
 from ..model import GPT, Head
 from ..tokenizer import Tokenizer
-from .trainer import TrainConfig, Trainer
+from .distributed import barrier, init_distributed, is_main
+from .trainer import TrainConfig, Trainer, autocast, placement
 
 
 def _finetune_train() -> "TrainConfig":
@@ -53,8 +54,6 @@ class FinetuneConfig:
 
     def problems(self):
         yield from at_least(self, 0, "epochs", "warmup_fraction", "lm_coef", "head_dropout", "max_len")
-        if self.train.strategy != "ddp":  # task models are small; their evals run whole on rank 0
-            yield "train.strategy", f"must be ddp, got {self.train.strategy!r}"
 
 
 # ---------------------------------------------------------------- input transformations
@@ -242,6 +241,8 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
     The model kept is the last step's, or with `train.select_by: val_accuracy` the best val eval's: test is
     scored once, on the kept model, and chooses nothing."""
     lm_coef = cfg.lm_coef if lm_coef is None else lm_coef
+    init_distributed(cfg.train.device)
+    device, precision = placement(cfg.train)
     torch.manual_seed(cfg.train.seed)
     gpt = load_model(init) if init is not None else GPT(model_cfg)
     if any(t not in tok.special for t in GPT1_TOKENS):  # an imported model: GPT-1's input tokens join its vocabulary
@@ -267,23 +268,24 @@ def finetune(cfg: FinetuneConfig, kind: str, tok: Tokenizer, out: Path, train_pa
     meta = {**gpt.metadata(), "gptstack.task": json.dumps(task_meta)}
     objective = FinetuneObjective(train, val, lm_coef, train_cfg.seed, n_labels, kind)
     trainer = Trainer(train_cfg, model, objective, out, metadata=meta, desc=desc)
-    summary = trainer.fit()
-    if not trainer.is_main:
-        return {}
-    kept, _ = load_task_model(out, next(trainer.model.parameters()).device)  # what the run published, not the last step's weights
-    result = {"kind": kind, "labels": labels, "lm_coef": lm_coef, "n_train": len(train), "steps": steps,
-              "val": scores(predict_logits(kept, val), val, n_labels),
-              "truncated": train.truncated + val.truncated, "seconds": summary.get("seconds")}
-    if summary.get("selected"):
-        result["selected"] = summary["selected"]
-    if test_path is not None:
-        test = TaskData(read_task_records(test_path, kind), encoder, labels, test_path)
-        result["test"] = scores(predict_logits(kept, test), test, n_labels)
-        result["truncated"] += test.truncated
-    if result["truncated"]:
+    summary = trainer.fit()  # rank 0's, on every rank, once the model is published
+    kept, _ = load_task_model(out, device)  # what the run published (whole, under DDP or FSDP), not the last step's weights
+    with autocast(device, precision):
+        result = {"kind": kind, "labels": labels, "lm_coef": lm_coef, "n_train": len(train), "steps": steps,
+                  "val": scores(predict_logits(kept, val), val, n_labels),
+                  "truncated": train.truncated + val.truncated, "seconds": summary.get("seconds")}
+        if summary.get("selected"):
+            result["selected"] = summary["selected"]
+        if test_path is not None:
+            test = TaskData(read_task_records(test_path, kind), encoder, labels, test_path)
+            result["test"] = scores(predict_logits(kept, test), test, n_labels)
+            result["truncated"] += test.truncated
+    if result["truncated"] and is_main():
         print(f"[{desc}] note: {result['truncated']} inputs were longer than {max_len} tokens and were cut on the {cfg.truncate}")
-    atomic_write_json(out / "summary.json", result)
-    tok.save(out / "tokenizer.json")  # the model's own tokenizer (grown for an imported model); predict finds it here
+    if is_main():
+        atomic_write_json(out / "summary.json", result)
+        tok.save(out / "tokenizer.json")  # the model's own tokenizer (grown for an imported model); predict finds it here
+    barrier()
     return result
 
 

@@ -13,8 +13,11 @@ InstructGPT describes:
                 (+ γ_ptx · L1 on pretraining data: PPO-ptx)
 
 The Trainer runs it like any objective: one Trainer step is one update, and `train_batch` reads the next
-minibatch from the loop above. The objective takes its data, extra rewards and metrics as arguments; where
-the prompts come from and how a policy is judged is the stage's business (stages/ppo.py).
+minibatch from the loop above. Under torchrun each rank samples and scores its share of the rollout's answers
+(answer i seeded by i, so the rollout is the same on any number of ranks) and every rank gets the whole rollout;
+the Trainer then hands each rank its slice of every minibatch. The objective takes its data, extra rewards and
+metrics as arguments; where the prompts come from and how a policy is judged is the stage's business
+(stages/ppo.py).
 
 The rollout's log-probabilities and values are the baseline of the update's ratio π/π_old and value clip,
 so both compute alike: dropout is off in every model (ActorCritic.train), and the Trainer calls
@@ -31,8 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.loader import right_pad
-from ..generate import generate
+from ..generate import generate_all
 from ..model import GPT, token_logprobs
+from .distributed import across_ranks, whole_weights
 from .rm import RewardModel
 
 
@@ -63,11 +67,16 @@ class ActorCritic(nn.Module):
             model.eval()
         return self
 
-    def forward(self, ids: torch.Tensor):
-        """ids (B, L) right-padded -> (logits for tokens 1..L-1 (B, L-1, V), values for tokens 1..L-1 (B, L-1))."""
-        logits = self.policy.logits(self.policy.hidden(ids))[:, :-1].float()
-        values = self.value.head(self.value.gpt.hidden(ids)).squeeze(-1)[:, :-1].float()
-        return logits, values
+    def forward(self, ids: torch.Tensor, ptx: torch.Tensor | None = None):
+        """ids (B, L) right-padded -> (logits for tokens 1..L-1 (B, L-1, V), values for tokens 1..L-1 (B, L-1)); with
+        pretraining rows `ptx` (N, T), also the policy's logits on them (PPO-ptx). Every update goes through here, so
+        DDP and FSDP see one forward of the module they wrap."""
+        logits = self.policy.logits(self.policy.hidden(ids)[:, :-1]).float()
+        # the head's one output; summing it away gives a tensor of its own (FSDP warns of a module returning views)
+        values = self.value.head(self.value.gpt.hidden(ids)[:, :-1]).float().sum(-1)
+        if ptx is None:
+            return logits, values
+        return logits, values, self.policy.logits(self.policy.hidden(ptx))
 
     @torch.no_grad()
     def reference_logprobs(self, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -168,10 +177,11 @@ class AdaptiveKL:
 
 # ---------------------------------------------------------------- rollouts
 
-def pack(prompts: list[list[int]], answers: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each prompt followed by its answer, right-padded: ids (B, L) and the action mask (B, L-1), True
-    where token t+1 is one the policy chose."""
-    ids = right_pad([p + a for p, a in zip(prompts, answers)], pad)
+def pack(prompts: list[list[int]], answers: list[list[int]], pad: int, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt followed by its answer, right-padded (to `length` at least): ids (B, L) and the action mask
+    (B, L-1), True where token t+1 is one the policy chose."""
+    rows = [p + a for p, a in zip(prompts, answers)]
+    ids = right_pad(rows, pad, max(length, *map(len, rows)))
     mask = torch.zeros(len(prompts), ids.size(1) - 1)
     for i, (p, a) in enumerate(zip(prompts, answers)):
         mask[i, len(p) - 1:len(p) + len(a) - 1] = 1.0
@@ -180,13 +190,14 @@ def pack(prompts: list[list[int]], answers: list[list[int]], pad: int) -> tuple[
 
 @torch.no_grad()
 def answer_scores(reward_model: RewardModel, prompt_ids: list[list[int]], answer_ids: list[list[int]], ended: list[bool],
-                  pad: int, no_end_penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  pad: int, no_end_penalty: float, length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The score PPO maximises, for each answer (token ids as sampled) after its prompt: the reward model's
     normalised score read at the answer's last token, minus no_end_penalty where the answer did not end with
-    <|end|>. Selection and evaluation use it too, so they see what training exploits.
+    <|end|>. Selection and evaluation use it too, so they see what training exploits. `length`: pad the rows to at
+    least this (the longest row of all when these are one rank's share, so a row scores alike on any number of ranks).
     Returns (scores, the reward model's scores alone), on the reward model's device."""
     device = next(reward_model.parameters()).device
-    ids, _ = pack(prompt_ids, answer_ids, pad)
+    ids, _ = pack(prompt_ids, answer_ids, pad, length)
     last = torch.tensor([len(p) + len(a) - 1 for p, a in zip(prompt_ids, answer_ids)], device=device)
     rm_scores = reward_model.score(ids.to(device), last)
     unfinished = 1.0 - torch.tensor(ended, dtype=rm_scores.dtype, device=device)
@@ -195,7 +206,9 @@ def answer_scores(reward_model: RewardModel, prompt_ids: list[list[int]], answer
 
 def sample(policy: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, end_id: int,
            pad_id: int, seed: int):
-    return generate(policy, prompts, max_new_tokens, temperature=temperature, stop_ids=(end_id,), pad_id=pad_id, seed=seed)
+    """Answers to every prompt, split across the ranks and gathered on each (answer i seeded by (seed, i))."""
+    return generate_all(policy, prompts, max_new_tokens, seed=seed, temperature=temperature, stop_ids=(end_id,),
+                        pad_id=pad_id)
 
 
 class PPOObjective:
@@ -247,34 +260,52 @@ class PPOObjective:
         self._next_step = got + 1
         if self.ptx is not None and self.cfg.ptx_coef > 0:
             ptx = self.ptx.train_batch(step, n)
-            batch |= {"ptx_input": ptx["input"], "ptx_target": ptx["target"]}
+            # the update's loss is a mean over the minibatch's answer tokens (the micro-batches' weight), the ptx term
+            # a mean over its pretraining rows: each row's share of the ptx mean, rescaled to count per answer token,
+            # keeps the two means right however the Trainer splits the batch across ranks and micro-batches
+            tokens_per_row = float(batch["mask"].sum().clamp(min=1)) / n
+            batch |= {"ptx_input": ptx["input"], "ptx_target": ptx["target"], "ptx_scale": torch.full((n,), tokens_per_row)}
         return batch
 
     @torch.no_grad()
     def make_rollout(self, index: int) -> dict:
-        """Sample answers to the rollout's prompts, score them, and turn the rewards into advantages."""
-        cfg, model = self.cfg, self.model
+        """Sample answers to the rollout's prompts, score them, and turn the rewards into advantages. Each rank
+        samples and scores its share of the answers (under FSDP with the whole weights, gathered once); every rank
+        gets the whole rollout."""
+        cfg, model, tok = self.cfg, self.model, self.tok
         device = next(model.parameters()).device
         n = cfg.rollout_batch
         start = (index * n) % len(self.prompts)
         which = [(start + i) % len(self.prompts) for i in range(n)]
-        prompt_ids = self.tok.render_prompts([self.prompts[i] for i in which], model.policy.cfg.n_ctx, cfg.max_new_tokens)
-        gens = sample(model.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.end, self.tok.pad,
-                      seed=cfg.seed * 100003 + index)
-        answers, ended = [g.tokens for g in gens], [g.finished for g in gens]
-        ids, mask = pack(prompt_ids, answers, self.tok.pad)
-        ids, mask = ids.to(device), mask.to(device)
-        logits, values = model(ids)
-        logp = token_logprobs(logits, ids[:, 1:], cfg.temperature)
-        ref_logp = model.reference_logprobs(ids, cfg.temperature)
-        texts = [self.tok.decode(a[:-1] if e else a, skip_special=True).strip() for a, e in zip(answers, ended)]
-        score, rm_score = answer_scores(model.reward_model, prompt_ids, answers, ended, self.tok.pad, cfg.no_end_penalty)
-        rule = torch.zeros_like(score)
-        if self.extra_rewards is not None:
-            rule = torch.tensor(self.extra_rewards(which, texts), dtype=torch.float32, device=device)
-            score = score + cfg.rbrm_coef * rule
+        prompt_ids = tok.render_prompts([self.prompts[i] for i in which], model.policy.cfg.n_ctx, cfg.max_new_tokens)
+        with whole_weights(model):
+            gens = sample(model.policy, prompt_ids, cfg.max_new_tokens, cfg.temperature, self.end, tok.pad,
+                          seed=cfg.seed * 100003 + index)
+            answers, ended = [g.tokens for g in gens], [g.finished for g in gens]
+            texts = [tok.decode(a[:-1] if e else a, skip_special=True).strip() for a, e in zip(answers, ended)]
+            ids, mask = pack(prompt_ids, answers, tok.pad)  # the whole rollout, padded alike on every rank
+
+            def score(rows):  # this rank's answers: the models' per-token figures, the RM score, the rule reward
+                r_ids, r_mask = ids[rows].to(device), mask[rows].to(device)
+                logits, values = model(r_ids)
+                logp = token_logprobs(logits, r_ids[:, 1:], cfg.temperature)
+                ref_logp = model.reference_logprobs(r_ids, cfg.temperature)
+                entropy = -(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1)
+                scores, rm_scores = (x.tolist() for x in answer_scores(
+                    model.reward_model, [prompt_ids[i] for i in rows], [answers[i] for i in rows],
+                    [ended[i] for i in rows], tok.pad, cfg.no_end_penalty, ids.size(1)))
+                rule = (self.extra_rewards([which[i] for i in rows], [texts[i] for i in rows])
+                        if self.extra_rewards is not None else [0.0] * len(rows))
+                per_token = [x.float().cpu() for x in (logp, values * r_mask, ref_logp, entropy)]
+                return [(*(x[j].clone() for x in per_token), scores[j], rm_scores[j], float(rule[j]))  # a row apiece
+                        for j in range(len(rows))]
+            scored = across_ranks(score, n)  # every answer's, on every rank
+        mask = mask.to(device)
+        logp, values, ref_logp, entropy = (torch.stack([a[k] for a in scored]).to(device) for k in range(4))
+        score, rm_score, rule = (torch.tensor([a[k] for a in scored], device=device) for k in range(4, 7))
+        score = score + cfg.rbrm_coef * rule
         rewards = kl_rewards(logp, ref_logp, mask, score, self.kl.beta)
-        adv, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten:
             adv = whiten(adv, mask)
         kl_seq = ((logp - ref_logp) * mask).sum(1)
@@ -283,8 +314,8 @@ class PPOObjective:
                       "beta": self.kl.beta, "answer_length": sum(len(t) for t in texts) / n,
                       "ended": sum(ended) / n, "rule_reward": float(rule.mean()),
                       **(self.rollout_metrics(which, texts) if self.rollout_metrics else {}),
-                      "entropy": float(masked_mean(-(F.softmax(logits, -1) * F.log_softmax(logits, -1)).sum(-1), mask))}
-        return {"ids": ids.cpu(), "mask": mask.cpu(), "old_logp": logp.cpu(), "old_values": (values * mask).cpu(),
+                      "entropy": float(masked_mean(entropy, mask))}
+        return {"ids": ids, "mask": mask.cpu(), "scores": score.cpu(), "old_logp": logp.cpu(), "old_values": values.cpu(),
                 "advantages": adv.cpu(), "returns": returns.cpu()}
 
     # ------------------------------------------------------------ one update
@@ -295,18 +326,19 @@ class PPOObjective:
     def loss(self, model, micro: dict):
         cfg = self.cfg
         mask = micro["mask"]
-        logits, values = model(micro["ids"])
+        ptx = "ptx_input" in micro  # PPO-ptx: γ·L1 on pretraining data in the same update
+        logits, values, *ptx_logits = model(micro["ids"], micro["ptx_input"] if ptx else None)
         logp = token_logprobs(logits, micro["ids"][:, 1:], cfg.temperature)
         policy_loss, value_loss, stats = ppo_losses(logp, micro["old_logp"], micro["advantages"], values,
                                                     micro["old_values"], micro["returns"], mask, cfg.clip, cfg.value_clip)
         loss = policy_loss + cfg.vf_coef * value_loss
         metrics = {"policy_loss": policy_loss.detach(), "value_loss": value_loss.detach(), **stats,
                    "tokens": int(mask.sum())}
-        if "ptx_input" in micro:  # PPO-ptx: γ·L1 on pretraining data in the same update
-            ptx_logits = model.policy.logits(model.policy.hidden(micro["ptx_input"]))
-            ptx = F.cross_entropy(ptx_logits.flatten(0, 1).float(), micro["ptx_target"].flatten())
-            loss = loss + cfg.ptx_coef * ptx
-            metrics["ptx_loss"] = ptx.detach()
+        if ptx:  # the micro-batch's rows' share of the minibatch's ptx mean, per answer token (see train_batch)
+            lm = F.cross_entropy(ptx_logits[0].flatten(0, 1).float(), micro["ptx_target"].flatten())
+            lm = lm * len(mask) / mask.sum().clamp(min=1) * micro["ptx_scale"][0]
+            loss = loss + cfg.ptx_coef * lm
+            metrics["ptx_loss"] = lm.detach()
         metrics |= {k: torch.tensor(v) for k, v in self.stats.items()}
         return loss, metrics
 

@@ -45,7 +45,7 @@ class RewardModel(nn.Module):
     def forward(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """ids (N, T) right-padded, last (N,) index of each row's final token -> raw rewards (N,)."""
         h = self.gpt.hidden(ids)
-        r = self.head(h[torch.arange(len(ids), device=ids.device), last]).squeeze(-1)
+        r = self.head(h[torch.arange(len(ids), device=ids.device), last]).sum(-1)  # the one output (sum: no view, for FSDP)
         return r.float() if r.dtype in (torch.bfloat16, torch.float16) else r  # the loss in fp32 (or fp64)
 
     def score(self, ids: torch.Tensor, last: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,9 @@ from ..errors import GptstackError
 from ..io import (append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, folder_lock, read_json,
                   read_jsonl_loose)
 from ..perf import peak_flops
-from .distributed import (any_rank, barrier, clip_grad_norm, data_parallel, dist_env, gather_objects, gradient_sync,
-                          init_distributed, load_sharded_optimizer, load_whole_state, save_sharded_optimizer,
-                          shard_model, whole_state_dict)
+from .distributed import (any_rank, barrier, broadcast_from_main, clip_grad_norm, data_parallel, dist_env, gather_objects,
+                          gradient_sync, init_distributed, load_sharded_optimizer, load_whole_state,
+                          save_sharded_optimizer, shard_model, whole_state_dict, whole_weights)
 
 # settings that may change between a run and its resume without changing the result
 RESUMABLE_KEYS = {"steps", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "device", "compile"}
@@ -135,6 +135,13 @@ def use_matmul_precision(precision: str) -> None:
     torch.set_float32_matmul_precision("high" if precision == "fp32-tf32" else "highest")
 
 
+def placement(cfg: TrainConfig) -> tuple[torch.device, str]:
+    """The device and precision a stage trains in on this rank; the stage loads and evaluates every other model
+    it uses (reference, reward model, judge, the policies it compares) there too."""
+    device = pick_device(cfg.device, dist_env()[2])
+    return device, resolve_precision(cfg.precision, device)
+
+
 def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -171,7 +178,7 @@ class Trainer:
                  metadata: dict[str, str] | None = None, desc: str = "train"):
         self.cfg, self.objective, self.out = cfg, objective, Path(out_dir)
         self.metadata, self.desc = metadata or {}, desc
-        self.rank, self.world, local_rank = dist_env()
+        self.rank, self.world, _ = dist_env()
         init_distributed(cfg.device)
         if cfg.batch_size % self.world:
             raise GptstackError(f"config 'batch_size' ({cfg.batch_size}) must be divisible by the {self.world} ranks")
@@ -180,10 +187,9 @@ class Trainer:
         if self.per_rank % self.micro:
             raise GptstackError(f"config 'micro_batch_size' ({self.micro}) must divide the per-rank batch ({self.per_rank})")
         self.accum = self.per_rank // self.micro
-        self.device = pick_device(cfg.device, local_rank)
+        self.device, self.precision = placement(cfg)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        self.precision = resolve_precision(cfg.precision, self.device)
         # the module that is saved and evaluated: whole, or FSDP-sharded in place
         self.sharded = cfg.strategy == "fsdp" and self.world > 1
         self.model = shard_model(model, self.device, self.precision) if self.sharded else model.to(self.device)
@@ -308,24 +314,29 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
 
     def evaluate(self) -> dict:
+        """The objective's eval, on every rank together: its sampling is split across them (`across_ranks`), and
+        under FSDP each rank holds the whole weights meanwhile."""
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.precision):
+        with torch.no_grad(), autocast(self.device, self.precision), whole_weights(self.model):
             out = self.objective.evaluate(self.model)
         self.model.train()
         return out
 
     def _main_eval(self) -> dict:
-        """Rank 0's eval ({} on the other ranks); a sharded model needs every rank in its forward."""
-        out = self.evaluate() if self.is_main or self.sharded else {}
+        """The eval, run by every rank; rank 0's figures ({} on the other ranks)."""
+        out = self.evaluate()
         return out if self.is_main else {}
 
     # ------------------------------------------------------------ fit
 
     def fit(self) -> dict:
         """Train to `steps` (resuming from the newest checkpoint) and publish; rank 0 holds the output folder's
-        lock throughout, so a second process writing there stops at once."""
+        lock throughout, so a second process writing there stops at once. Returns rank 0's summary on every rank,
+        once the published files exist, so every rank may go on to read them."""
         with folder_lock(self.out) if self.is_main else contextlib.nullcontext():
-            return self._fit()
+            summary = self._fit()
+        barrier()
+        return broadcast_from_main(summary)
 
     def _fit(self) -> dict:
         cfg = self.cfg
