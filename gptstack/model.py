@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from .config import from_dict
 
@@ -113,6 +114,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """x (B, H, T, D) rotated: (x1, x2) -> (x1·cos - x2·sin, x2·cos + x1·sin) for the halves x1, x2."""
     if cos.dim() == 3:  # per-row positions (left-padded batches): broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # in the compute dtype (bf16 under autocast), so is the KV cache
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -206,6 +208,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # training switches (the Trainer's train.grad_checkpoint): recompute each block's activations in backward
+        # instead of keeping them; recompute_context() -> (forward's, recompute's) context managers, for state the
+        # recompute must share with the forward (train/lora.py: the adapter a forward ran through)
+        self.grad_checkpoint = False
+        self.recompute_context = noop_context_fn
         self.apply(self._init)
         # GPT-2: scale the residual projections by 1/sqrt(2·n_layer) so the residual stream's variance stays put
         for name, p in self.named_parameters():
@@ -233,8 +240,12 @@ class GPT(nn.Module):
         else:
             rope = rotary(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
         x = self.drop(x)
+        recompute = self.grad_checkpoint and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i, attn_mask, rope)
+            if recompute:
+                x = checkpoint(block, x, None, i, attn_mask, rope, use_reentrant=False, context_fn=self.recompute_context)
+            else:
+                x = block(x, cache, i, attn_mask, rope)
         if cache is not None:
             cache.len += T
         return self.ln_f(x)

@@ -70,3 +70,22 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
             tmp.write_text(json.dumps(table, indent=1))
             os.replace(tmp, path)
     return max(table.get(key, 0.0), _measured[key])
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak resident-set measurement for this process (Linux: /proc/self/clear_refs, value 5, resets the
+    high-water mark that VmHWM and ru_maxrss report). False where that is unavailable: the peak then runs on."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MiB) since the last `reset_peak_rss`, or since it started."""
+    import resource
+    import sys
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes, Linux KiB

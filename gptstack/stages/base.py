@@ -20,7 +20,9 @@ from ..data.sources import DataConfig
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import ModelConfig
+from ..perf import peak_rss_mb, reset_peak_rss
 from ..tokenizer import Tokenizer
+from ..train.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,12 @@ class Context:
     def folder(self, stage: str) -> Path:
         return self.run / stage
 
+    def start_model(self) -> Path:
+        """The model the fine-tuning stages start from: the run's imported one (the import stage), else its
+        pretrained one."""
+        imported = self.run / "import"
+        return imported if (imported / "model.safetensors").is_file() else self.run / "pretrain"
+
     def tokenizer(self) -> Tokenizer:
         if not (self.run / "tokenizer.json").is_file():
             raise GptstackError(f"{self.run}: no tokenizer.json; run the tokenizer stage first")
@@ -165,9 +173,17 @@ def finished(run: Path, name: str) -> bool:
 
 
 def run_stage(stage: Stage, ctx: Context) -> dict:
-    """One stage into ctx.run; rank 0 writes its summary.json last, which marks it finished."""
+    """One stage into ctx.run; rank 0 writes its summary.json last, which marks it finished. A stage that reports
+    under its own name also gets its peak memory and, if it trains, its LoRA rank (0: full fine-tuning)."""
+    own_peak = reset_peak_rss()
     summary = stage.run(ctx)
     if ctx.rank == 0 and summary:
+        if isinstance(summary.get(stage.name), dict):
+            # the stage's own peak where the OS can reset the high-water mark; else the process's so far
+            summary[stage.name] |= {"peak_rss_mb": peak_rss_mb(), "peak_rss_scope": "stage" if own_peak else "process"}
+            train = getattr(getattr(ctx.cfg, stage.name, None), "train", None)
+            if isinstance(train, TrainConfig):
+                summary[stage.name]["lora_rank"] = train.lora_rank
         atomic_write_json(ctx.folder(stage.name) / "summary.json", summary)
     return summary
 

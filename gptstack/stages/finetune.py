@@ -26,7 +26,7 @@ def run(ctx: Context) -> dict:
         raise GptstackError(f"config 'finetune.tasks' / 'finetune.task_epochs': unknown task(s) {', '.join(unknown)} (known: {', '.join(TASKS)})")
     # rank 0 writes the task files; the others wait for them here (and take rank 0's list)
     info = broadcast_from_main(build_tasks(run / "finetune" / "data", seed=f.train.seed) if ctx.rank == 0 else None)
-    pretrained = run / "pretrain"
+    pretrained = ctx.start_model()
     results = {}
     for task in f.tasks:
         kind, files = info[task]["kind"], {k: Path(v) for k, v in info[task]["files"].items()}

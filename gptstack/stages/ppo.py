@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import plots
-from ..checkpoint import find_tokenizer, load_model, read_weights, save_state_dict
+from ..checkpoint import file_sha256, find_tokenizer, load_model, model_path, read_weights, save_state_dict
 from ..config import at_least
 from ..data.loader import build_sampler
 from ..data.records import read_prompt_records
@@ -30,6 +30,7 @@ from ..evals.lm import windows_loss
 from ..generate import respond
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
+from ..train import lora
 from ..train.distributed import across_ranks, barrier, broadcast_from_main, init_distributed, is_main, local_main_first
 from ..train.ppo import ActorCritic, PPOObjective, answer_scores, pack, sample, value_from_reward_model
 from ..train.rm import RewardModel, load_reward_model, scalar_flops_per_token
@@ -134,10 +135,10 @@ def prompt_sets(cfg) -> tuple[Prompts, Prompts, Prompts]:
 # ---------------------------------------------------------------- judging a policy
 
 @torch.no_grad()
-def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p) -> tuple[dict, list[dict]]:
+def evaluate_policy(policy, reference_logprobs, rm: RewardModel, tok, prompts: Prompts, p) -> tuple[dict, list[dict]]:
     """Greedy answers to `prompts`, scored by the RM exactly as the rollouts are (the sampled tokens, minus the
-    no-end penalty: `answer_scores`), and by the gold labeler on the world's prompts; given a reference, the KL
-    to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns (figures, the greedy
+    no-end penalty: `answer_scores`), and by the gold labeler on the world's prompts; given the reference's
+    `sequence_logprobs`, the KL to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns (figures, the greedy
     answers as samples). Under torchrun the ranks share the sampling and scoring, and each gets every figure."""
     ids_in = tok.render_prompts(prompts.conversations, policy.cfg.n_ctx, p.max_new_tokens)
     got = respond(policy, tok, prompts.conversations, p.max_new_tokens)
@@ -156,7 +157,7 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
     for s, r in zip(samples, scores):
         s["rm_score"] = r
     figures["rm_score"] = sum(scores) / len(scores)
-    if reference is None:
+    if reference_logprobs is None:
         return figures, samples
     gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.end, tok.pad, seed=p.seed)
     ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
@@ -164,7 +165,7 @@ def evaluate_policy(policy, reference, rm: RewardModel, tok, prompts: Prompts, p
 
     def kl(rows):  # Σ_t log π − log π_ref over each of this rank's answers
         r_ids, r_mask = ids[rows].to(device), mask[rows].to(device)
-        return ((policy.sequence_logprobs(r_ids) - reference.sequence_logprobs(r_ids)) * r_mask).sum(1).tolist()
+        return ((policy.sequence_logprobs(r_ids) - reference_logprobs(r_ids)) * r_mask).sum(1).tolist()
     per_answer = across_ranks(kl, len(ids_in))
     figures["kl"] = sum(per_answer) / len(per_answer)
     return figures, samples
@@ -195,11 +196,11 @@ def against_sft(ppo, no_ptx, sft, rm: RewardModel, tok, prompts: Prompts, p):
     """PPO (and PPO without ptx, if given) against SFT on `prompts`: (PPO's figures, its samples, SFT's figures,
     SFT's samples, PPO's win rate against SFT, the no-ptx run's figures or None)."""
     key = "gold_score" if prompts.suite is not None else "rm_score"
-    ours, samples = evaluate_policy(ppo, sft, rm, tok, prompts, p)
+    ours, samples = evaluate_policy(ppo, sft.sequence_logprobs, rm, tok, prompts, p)
     base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
     nop = None
     if no_ptx is not None:
-        figures, nop_samples = evaluate_policy(no_ptx, sft, rm, tok, prompts, p)
+        figures, nop_samples = evaluate_policy(no_ptx, sft.sequence_logprobs, rm, tok, prompts, p)
         nop = {**{k: v for k, v in figures.items() if not isinstance(v, dict)},
                "win_rate_vs_sft": (w := win_rate(nop_samples, base_samples, key))["win_rate"], "wins": w}
     return ours, samples, base, base_samples, win_rate(samples, base_samples, key), nop
@@ -240,13 +241,42 @@ def rbrm_agreement(rules, rankings: Path, cfg) -> dict:
 
 # ---------------------------------------------------------------- training
 
-def actor_critic(policy_dir: Path, rm_dir: Path, reference_dir: Path | None = None) -> ActorCritic:
+def actor_critic(policy_dir: Path, rm_dir: Path, reference_dir: Path | None = None, train: TrainConfig | None = None,
+                 log=print) -> ActorCritic:
     """Every model PPO trains with, in one module: the policy from `policy_dir`, the value function from the RM (on
     its normalised scale, as InstructGPT starts it), the frozen reference (SFT) and reward model. Built in CPU
-    memory; the Trainer moves or shards the whole module onto the stage's device."""
-    value = value_from_reward_model(load_reward_model(rm_dir))
-    return ActorCritic(load_model(policy_dir), value, reference=load_model(reference_dir or policy_dir),
-                       reward_model=load_reward_model(rm_dir))
+    memory; the Trainer moves or shards the whole module onto the stage's device.
+
+    With `train.lora_rank` > 0 the policy's weights are the one base: the policy trains adapter "policy", the value
+    function adapter "value" on the same base under the RM's head, and the reference is the base with adapters off
+    (a copy of its own only when it is another model, as in a later round)."""
+    rm = load_reward_model(rm_dir)
+    if train is None or not train.lora_rank:
+        value = value_from_reward_model(rm)
+        return ActorCritic(load_model(policy_dir), value, reference=load_model(reference_dir or policy_dir), reward_model=rm)
+    policy = load_model(policy_dir)
+    lora.add_lora(policy, train, "value")
+    lora.add_lora(policy, train, "policy")  # the last adapter added is the active one: the policy's, for sampling
+    value = value_from_reward_model(rm, gpt=policy)
+    if rm_adapter_fits(rm_dir, policy_dir, train):
+        lora.load_adapter(policy, read_weights(rm_dir / "adapter.safetensors")[0], "default", "value", prefix="gpt.")
+    else:
+        log(f"[ppo] note: {rm_dir} holds no LoRA adapter trained from {policy_dir} with this rank and alpha; the value "
+            "function starts as the policy's base under the reward model's head")
+    reference = None if reference_dir is None or Path(reference_dir) == Path(policy_dir) else load_model(reference_dir)
+    return ActorCritic(policy, value, reference=reference, reward_model=rm)
+
+
+def rm_adapter_fits(rm_dir: Path, policy_dir: Path, train: TrainConfig) -> bool:
+    """Whether the RM's adapter was trained on `policy_dir`'s weights (the value function's base) with the same rank,
+    alpha and targets, so that base + that adapter under the RM's head is the reward model exactly."""
+    path = Path(rm_dir) / "adapter.safetensors"
+    if not path.is_file():
+        return False
+    meta = read_weights(path)[1]
+    made = json.loads(meta.get("gptstack.lora", "{}"))
+    return (meta.get("gptstack.lora_base") == file_sha256(model_path(policy_dir)) and made.get("rank") == train.lora_rank
+            and made.get("alpha") == train.lora_alpha and made.get("targets") == list(train.lora_targets))
 
 
 def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, ptx_coef: float, prompts: Prompts,
@@ -256,7 +286,7 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
     serving), OUT/value.safetensors its value function."""
     p = dataclasses.replace(cfg.ppo, ptx_coef=ptx_coef)
     torch.manual_seed(p.train.seed)
-    model = actor_critic(policy_dir, rm_dir, reference_dir)
+    model = actor_critic(policy_dir, rm_dir, reference_dir, p.train, log)
     policy, value = model.policy, model.value
     if policy.cfg.n_ctx <= p.max_new_tokens:
         raise GptstackError(f"config 'ppo.max_new_tokens' ({p.max_new_tokens}) leaves no room for a prompt in the "
@@ -278,7 +308,7 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
             return {"gold_score": sum(s.total for s in gold) / len(gold), "gold_accuracy": sum(s.correct for s in gold) / len(gold)}
 
     def validate(ac: ActorCritic) -> dict:
-        return evaluate_policy(ac.policy, ac.reference, ac.reward_model, tok, val_prompts, p)[0]
+        return evaluate_policy(ac.policy, ac.reference_logprobs, ac.reward_model, tok, val_prompts, p)[0]
 
     updates = p.ppo_epochs * p.minibatches
     steps = p.rollouts * updates

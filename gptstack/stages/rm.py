@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 
 from .. import plots
-from ..checkpoint import load_model, save_state_dict
+from ..checkpoint import file_sha256, load_model, model_path, save_state_dict
 from ..config import at_least
 from ..data.records import read_rankings
 from ..evals.rm import answer_loglik, pair_agreement
@@ -130,7 +130,10 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
     train_cfg = dataclasses.replace(r.train, steps=steps, ckpt_every=min(r.train.ckpt_every, steps))
     mean_len = sum(len(s) for seqs, _ in train.examples for s in seqs) / sum(len(seqs) for seqs, _ in train.examples)
     objective = RMObjective(train, val, train_cfg.seed, scalar_flops_per_token(model.gpt, int(mean_len)))
-    trainer = Trainer(train_cfg, model, objective, out, metadata=reward_metadata(model.gpt), desc="rm")
+    metadata = reward_metadata(model.gpt)
+    if r.train.lora_rank:  # the base its adapter belongs to: PPO starts its value function from it on that base
+        metadata["gptstack.lora_base"] = file_sha256(model_path(policy))
+    trainer = Trainer(train_cfg, model, objective, out, metadata=metadata, desc="rm")
     summary = trainer.fit()  # rank 0's, on every rank, once the weights are published
     # every rank scores with the published weights, whole (as trained under DDP or FSDP), on the stage's device
     model = load_reward_model(out, device)

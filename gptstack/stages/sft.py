@@ -148,7 +148,7 @@ def run_sft(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
 
 
 def run(ctx: Context) -> dict:
-    return run_sft(ctx.cfg, ctx.folder("pretrain"), ctx.folder("sft"), ctx.tokenizer(), ctx.log)
+    return run_sft(ctx.cfg, ctx.start_model(), ctx.folder("sft"), ctx.tokenizer(), ctx.log)
 
 
 # ---------------------------------------------------------------- report

@@ -26,6 +26,7 @@ first update's ratio is then exactly 1.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable, Iterator
 
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from ..data.loader import right_pad
 from ..generate import generate_all
 from ..model import GPT, token_logprobs
+from . import lora
 from .distributed import across_ranks, whole_weights
 from .rm import RewardModel
 
@@ -45,14 +47,21 @@ class ActorCritic(nn.Module):
     the policy (a GPT) and its value function (the reward model's architecture, initialised from it:
     V(h_{t-1}) estimates the return of the answer from the state before token t), which train; and the
     frozen SFT reference and reward model, which stay out of the optimizer (no gradients) and out of the
-    state dict (checkpoints hold what trains)."""
+    state dict (checkpoints hold what trains).
+
+    With LoRA the three share one copy of the base weights: the value function's decoder is the policy's GPT,
+    run through its adapter "value" (the policy's forwards run through "policy"), and the reference, given as
+    None, is the policy with its adapters off."""
 
     FROZEN = ("reference", "reward_model")
 
-    def __init__(self, policy: GPT, value: RewardModel, reference: GPT, reward_model: RewardModel):
+    def __init__(self, policy: GPT, value: RewardModel, reference: GPT | None, reward_model: RewardModel):
         super().__init__()
         self.policy, self.value = policy, value
-        self.reference = reference.requires_grad_(False)
+        self.shared = value.gpt is policy  # LoRA: one base, adapters "policy" and "value"
+        if reference is None and not self.shared:
+            raise ValueError("the reference may be left out only when the policy and value share a LoRA-wrapped base")
+        self.reference = None if reference is None else reference.requires_grad_(False)
         self.reward_model = reward_model.requires_grad_(False)
         self.register_state_dict_post_hook(_drop_frozen)
         self.register_load_state_dict_post_hook(_frozen_not_missing)
@@ -71,24 +80,48 @@ class ActorCritic(nn.Module):
         """ids (B, L) right-padded -> (logits for tokens 1..L-1 (B, L-1, V), values for tokens 1..L-1 (B, L-1)); with
         pretraining rows `ptx` (N, T), also the policy's logits on them (PPO-ptx). Every update goes through here, so
         DDP and FSDP see one forward of the module they wrap."""
-        logits = self.policy.logits(self.policy.hidden(ids)[:, :-1]).float()
-        # the head's one output; summing it away gives a tensor of its own (FSDP warns of a module returning views)
-        values = self.value.head(self.value.gpt.hidden(ids)[:, :-1]).float().sum(-1)
+        with self.adapter("policy"):
+            logits = self.policy.logits(self.policy.hidden(ids)[:, :-1]).float()
+            ptx_logits = None if ptx is None else self.policy.logits(self.policy.hidden(ptx))
+        with self.adapter("value"):
+            # the head's one output; summing it away gives a tensor of its own (FSDP warns of a module returning views)
+            values = self.value.head(self.value.gpt.hidden(ids)[:, :-1]).float().sum(-1)
         if ptx is None:
             return logits, values
-        return logits, values, self.policy.logits(self.policy.hidden(ptx))
+        return logits, values, ptx_logits
+
+    def adapter(self, name: str | None):
+        """Forwards of the shared base inside run through adapter `name` (None: the base alone, the reference)."""
+        return lora.use_adapter(self.policy, name) if self.shared else contextlib.nullcontext()
 
     @torch.no_grad()
     def reference_logprobs(self, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log π_SFT of tokens 1..L-1: (B, L-1)."""
-        return self.reference.sequence_logprobs(ids, temperature)
+        with self.adapter(None):
+            return (self.policy if self.reference is None else self.reference).sequence_logprobs(ids, temperature)
+
+    def merged_state(self, state: dict, scaling: float) -> dict:
+        """LoRA: the published actor-critic as plain models, the policy (base + adapter "policy") under `policy.`
+        and the value function (base + adapter "value", its head) under `value.` (the Trainer publishes this)."""
+        if not self.shared:
+            return lora.merge(state, scaling)
+        base = {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+        rest = {k: v for k, v in state.items() if not k.startswith("policy.")}
+        return {**{f"policy.{k}": v for k, v in lora.merge(base, scaling, "policy").items()},
+                # copies: the weights no adapter touches would otherwise be one tensor under two names
+                **{f"value.gpt.{k}": v.clone() for k, v in lora.merge(base, scaling, "value").items()}, **rest}
 
 
-def value_from_reward_model(rm: RewardModel) -> RewardModel:
+def value_from_reward_model(rm: RewardModel, gpt: GPT | None = None) -> RewardModel:
     """A trainable copy of the reward model as the value function's start (InstructGPT), with the score's
     normalisation folded into its head: V reads the head raw (ActorCritic.forward) while the rewards are
-    gain·(raw + bias), so the head becomes gain·(w·h + b + bias) and V predicts the normalised score."""
-    value = copy.deepcopy(rm).requires_grad_(True)
+    gain·(raw + bias), so the head becomes gain·(w·h + b + bias) and V predicts the normalised score.
+    `gpt`: the decoder V reads instead of a copy of the RM's (LoRA: the policy's, through its adapter "value")."""
+    if gpt is None:
+        value = copy.deepcopy(rm).requires_grad_(True)
+    else:
+        value = RewardModel(gpt)
+        value.head.load_state_dict(rm.head.state_dict())
     with torch.no_grad():
         value.head.proj.weight.mul_(rm.gain)
         value.head.proj.bias.add_(rm.bias).mul_(rm.gain)
@@ -97,14 +130,18 @@ def value_from_reward_model(rm: RewardModel) -> RewardModel:
     return value
 
 
+def _not_saved(module: ActorCritic) -> tuple[str, ...]:
+    """The frozen models, and with a shared base the value function's decoder (the policy's, saved once)."""
+    return tuple(f + "." for f in ActorCritic.FROZEN) + (("value.gpt.",) if module.shared else ())
+
+
 def _drop_frozen(module, state_dict, prefix, local_metadata):
-    for key in [k for k in state_dict if k.startswith(tuple(prefix + f + "." for f in ActorCritic.FROZEN))]:
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in _not_saved(module)))]:
         del state_dict[key]
 
 
 def _frozen_not_missing(module, incompatible):
-    frozen = tuple(f + "." for f in ActorCritic.FROZEN)
-    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(frozen)]
+    incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if not k.startswith(_not_saved(module))]
 
 
 # ---------------------------------------------------------------- the algebra

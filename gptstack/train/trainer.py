@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import math
 import os
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,15 +32,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from ..checkpoint import path_sha256, save_state_dict
+from ..checkpoint import path_sha256, read_weights, save_state_dict
 from ..config import at_least, to_dict
 from ..errors import GptstackError
 from ..io import (append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, folder_lock, read_json,
                   read_jsonl_loose)
+from ..model import GPT
 from ..perf import peak_flops
+from . import lora
 from .distributed import (any_rank, barrier, broadcast_from_main, clip_grad_norm, data_parallel, dist_env, gather_objects,
                           gradient_sync, init_distributed, load_sharded_optimizer, load_whole_state,
                           save_sharded_optimizer, shard_model, whole_state_dict, whole_weights)
+
+LORA_TARGETS = ("qkv", "proj", "fc")  # attention's qkv and proj, the MLP's fc and proj (model.py)
 
 # settings that may change between a run and its resume without changing the result
 RESUMABLE_KEYS = {"steps", "log_every", "eval_every", "eval_tokens", "ckpt_every", "keep_checkpoints", "device", "compile"}
@@ -80,6 +85,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     select_by: str = ""  # an eval metric (higher is better) whose best eval gives the published model; "": the last
     strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: ddp (a whole model per rank) | fsdp (FSDP2: parameters, gradients, optimizer sharded)
+    lora_rank: int = 0  # > 0: LoRA adapters of this rank train and the base weights stay frozen (train/lora.py); 0: full fine-tuning
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # the decoder's Linear layers that get adapters
+    grad_checkpoint: bool = False  # recompute each block's activations in backward: less memory, about a third more compute
 
     def problems(self):
         """Ranges, checked when the config is resolved (before any folder exists). steps 0: the stage decides."""
@@ -94,6 +103,15 @@ class TrainConfig:
         for name in ("min_lr_ratio", "beta1", "beta2"):
             if not 0 <= getattr(self, name) <= 1:
                 yield name, f"must be in [0, 1], got {getattr(self, name)}"
+        yield from at_least(self, 0, "lora_rank")
+        if not 0 < self.lora_alpha < float("inf"):
+            yield "lora_alpha", f"must be a positive number, got {self.lora_alpha}"
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS + ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
+        if unknown or not self.lora_targets:
+            yield "lora_targets", (f"must name one or more of the decoder's Linear layers (qkv, proj, fc, or attn.proj, "
+                                   f"mlp.proj for one of the two proj), got {self.lora_targets}")
+        if self.lora_rank and self.strategy == "fsdp":
+            yield "lora_rank", "LoRA is not supported under strategy fsdp (use ddp: the frozen base is small enough to replicate)"
 
 
 # ---------------------------------------------------------------- environment
@@ -190,6 +208,12 @@ class Trainer:
         self.device, self.precision = placement(cfg)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        decoders = [m for m in model.modules() if isinstance(m, GPT)]
+        if cfg.lora_rank and not lora.has_lora(model):  # PPO brings its own adapters (several on one base)
+            for gpt in decoders:
+                lora.add_lora(gpt, cfg)
+        for gpt in decoders:
+            gpt.grad_checkpoint = cfg.grad_checkpoint
         # the module that is saved and evaluated: whole, or FSDP-sharded in place
         self.sharded = cfg.strategy == "fsdp" and self.world > 1
         self.model = shard_model(model, self.device, self.precision) if self.sharded else model.to(self.device)
@@ -483,7 +507,8 @@ class Trainer:
         return {"steps": self.cfg.steps, "tokens": stats["tokens"], "seconds": stats["wall_seconds"],
                 "tokens_per_sec": tps, "mfu": tps * fpt / (peak * self.world) if peak else 0.0,
                 "final_train_loss": last.get("loss"), "initial": initial, "final": final,
-                "precision": self.precision, "device": str(self.device), "world_size": self.world}
+                "precision": self.precision, "device": str(self.device), "world_size": self.world,
+                "lora_rank": self.cfg.lora_rank, "trainable_params": lora.trainable_params(self.model)}
 
     def _publish(self, ck: Path) -> None:
         """The stage's final files: the last checkpoint, linked (or copied) beside it; with `select_by`,
@@ -491,6 +516,9 @@ class Trainer:
         best = self.out / "best" / "model.safetensors"
         for name in ("model.safetensors", self.optim_name, "trainer_state.json"):
             src = best if name == "model.safetensors" and self.cfg.select_by and best.exists() else ck / name
+            if name == "model.safetensors" and self.cfg.lora_rank:
+                self._publish_merged(src)
+                continue
             tmp = self.out / f".{name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.unlink(missing_ok=True)
@@ -500,6 +528,17 @@ class Trainer:
             else:
                 _link_or_copy(src, tmp)
                 os.replace(tmp, self.out / name)
+
+    def _publish_merged(self, src: Path) -> None:
+        """LoRA: the plain model with the adapters merged into its weights (what every later verb loads), and the
+        adapters alone beside it. A module with several adapters on one base (PPO's) says how it merges."""
+        state, meta = read_weights(src)
+        scaling = self.cfg.lora_alpha / self.cfg.lora_rank
+        merge = getattr(self.model, "merged_state", lora.merge)
+        lora_meta = {"gptstack.lora": json.dumps({"rank": self.cfg.lora_rank, "alpha": self.cfg.lora_alpha,
+                                                  "targets": self.cfg.lora_targets})}
+        save_state_dict(lora.adapters(state), self.out / "adapter.safetensors", {**meta, **lora_meta})
+        save_state_dict(merge(state, scaling), self.out / "model.safetensors", meta)
 
 
 def _link_or_copy(src, dst) -> None:
@@ -522,5 +561,4 @@ def _torch_bytes(obj) -> bytes:
 
 
 def _json_line(row: dict) -> str:
-    import json
     return json.dumps(row) + "\n"
