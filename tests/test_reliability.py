@@ -232,6 +232,10 @@ DRILLS = {  # verb -> (argv for an output folder, the files it publishes)
                                "ppo.eval_every_rollouts=2", "ppo.ptx_coef=0", "ppo.train.ckpt_every=2"],
             ["model.safetensors", "value.safetensors", "optim.pt"]),
 }
+LORA = ["train.lora_rank=4", "train.lora_alpha=8"]
+DRILLS |= {  # the same with LoRA: checkpoints hold base and adapters, the published model is merged
+    f"{verb}_lora": (lambda d, m, out, verb=verb: [*DRILLS[verb][0](d, m, out), *(f"{verb}." + a for a in LORA)],
+                     [*DRILLS[verb][1], "adapter.safetensors"]) for verb in ("sft", "ppo")}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # the same kernels in every run, so bitwise comparison is fair
 
 

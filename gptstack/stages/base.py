@@ -22,7 +22,6 @@ from ..io import atomic_write_json, atomic_write_text, read_json
 from ..model import ModelConfig
 from ..perf import peak_rss_mb, reset_peak_rss
 from ..tokenizer import Tokenizer
-from ..train.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -37,6 +36,7 @@ class Stage:
     named_only: bool = False  # runs only when --stages names it, never with 'all' (long experiments)
     all_ranks: bool = True  # under torchrun: every rank runs it (a Trainer inside); False: rank 0 alone
     headline: Callable[[dict], str | None] | None = None  # the line `pipeline` prints at its end, from report.json's section
+    measured: bool = False  # its section gets its peak memory and LoRA rank (peak_rss_mb, lora_rank: the training stages)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -173,17 +173,15 @@ def finished(run: Path, name: str) -> bool:
 
 
 def run_stage(stage: Stage, ctx: Context) -> dict:
-    """One stage into ctx.run; rank 0 writes its summary.json last, which marks it finished. A stage that reports
-    under its own name also gets its peak memory and, if it trains, its LoRA rank (0: full fine-tuning)."""
+    """One stage into ctx.run; rank 0 writes its summary.json last, which marks it finished. A `measured` stage's
+    section also gets its peak memory and its LoRA rank (0: full fine-tuning)."""
     own_peak = reset_peak_rss()
     summary = stage.run(ctx)
     if ctx.rank == 0 and summary:
-        if isinstance(summary.get(stage.name), dict):
+        if stage.measured:
             # the stage's own peak where the OS can reset the high-water mark; else the process's so far
-            summary[stage.name] |= {"peak_rss_mb": peak_rss_mb(), "peak_rss_scope": "stage" if own_peak else "process"}
-            train = getattr(getattr(ctx.cfg, stage.name, None), "train", None)
-            if isinstance(train, TrainConfig):
-                summary[stage.name]["lora_rank"] = train.lora_rank
+            summary[stage.name] |= {"peak_rss_mb": peak_rss_mb(), "peak_rss_scope": "stage" if own_peak else "process",
+                                    "lora_rank": getattr(ctx.cfg, stage.name).train.lora_rank}
         atomic_write_json(ctx.folder(stage.name) / "summary.json", summary)
     return summary
 

@@ -460,7 +460,8 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
         log(f"[ppo] evaluating on {len(prompts)} test prompts: PPO against SFT")
         ours, samples, base, base_samples, wins, nop = against_sft(ppo, no_ptx_model, sft, rm, tok, prompts, p)
         with local_main_first():
-            sampler = build_sampler(cfg.data, tok, sft.cfg.n_ctx, cfg.pretrain.seed)  # windows the policy's context holds
+            # windows as long as pretraining's (pretrain.seq_len; 0: the policy's whole context)
+            sampler = build_sampler(cfg.data, tok, min(cfg.pretrain.seq_len or sft.cfg.n_ctx, sft.cfg.n_ctx), cfg.pretrain.seed)
         tokens = cfg.pretrain.eval_tokens
         loss_sft = pretrain_val_loss(sft, sampler, tokens)
         result |= {"split": "test", "judge": "gold labeler" if prompts.suite is not None else "reward model",
@@ -621,4 +622,5 @@ def headline(r: dict) -> str:
 
 
 STAGE = Stage("ppo", run, "PPO-ptx against the reward model with a per-token KL to SFT, rule-based rewards",
-              config=PPOConfig, depends=("sft", "rm"), report=markdown, headline=headline)
+              config=PPOConfig, depends=("sft", "rm"), report=markdown, headline=headline,
+              measured=True)

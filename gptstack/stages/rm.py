@@ -270,4 +270,4 @@ def headline(r: dict) -> str:
 
 
 STAGE = Stage("rm", run, "reward model on K-way rankings (the world's, sampled from SFT and labeled)",
-              config=RMConfig, depends=("sft",), report=markdown, headline=headline)
+              config=RMConfig, depends=("sft",), report=markdown, headline=headline, measured=True)

@@ -220,4 +220,4 @@ def headline(r: dict) -> str:
 
 
 STAGE = Stage("sft", run, "instruction tuning on demonstrations (world or your records), loss on answers only",
-              config=SFTConfig, report=markdown, headline=headline)
+              config=SFTConfig, report=markdown, headline=headline, measured=True)
