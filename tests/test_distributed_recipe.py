@@ -181,6 +181,17 @@ def test_fsdp_on_two_ranks_trains_like_ddp_and_loads_in_one_process(verb, data, 
         load_reward_model(fsdp / "value.safetensors")
 
 
+def test_lora_ppo_on_two_ranks_trains_like_one_process(data, tmp_path):
+    """DDP around the LoRA actor-critic: one base, both adapters trained in every update (switched per forward),
+    the same curve and published policy and value function on 2 ranks as in one process."""
+    lora = ["ppo.train.lora_rank=4", "ppo.train.lora_alpha=8"]
+    run([*argv("ppo", data, tmp_path / "two"), *lora], ranks=2)
+    run([*argv("ppo", data, tmp_path / "one"), *lora])
+    assert_same_curve(curve(tmp_path / "two"), curve(tmp_path / "one"))
+    for name in ("model.safetensors", "value.safetensors", "adapter.safetensors"):
+        assert_same_weights(tmp_path / "two", tmp_path / "one", name)
+
+
 def test_the_pipelines_strategy_is_every_training_stages_and_a_key_still_wins():
     from gptstack.cli import build_parser, pipeline_settings
     cfg = pipeline_settings(build_parser().parse_args(["pipeline", "--out", "x", "--strategy", "fsdp", "rm.train.strategy=ddp"]))

@@ -203,3 +203,17 @@ def test_bad_lora_settings_are_one_line(random_model_dir, tmp_path):
                              ("sft.train.lora_alpha=0", "'sft.train.lora_alpha' must be a positive number")):
         proc = run_cli("sft", "--from", random_model_dir, "--data", tmp_path / "none.jsonl", "--out", tmp_path / "out", override)
         assert proc.returncode == 2 and needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_lora_finetune_trains_its_head_and_predicts_from_the_merged_model(runs, tmp_path):
+    d, base_dir = runs
+    (d / "task.jsonl").write_text("".join(json.dumps({"text": f"{w} number {i}", "label": w}) + "\n"
+                                          for i in range(40) for w in ("odd", "even") if i % 2 == (w == "odd")))
+    proc = run_cli("finetune", "--task", "classification", "--data", d / "task.jsonl", "--from", base_dir, "--out",
+                   tmp_path / "ft", "finetune.epochs=1", "finetune.train.batch_size=8", "finetune.train.lora_rank=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = read_weights(tmp_path / "ft" / "model.safetensors")[0]
+    assert "head.proj.weight" in state and not any(lora.LORA_KEY in k for k in state)
+    assert (tmp_path / "ft" / "adapter.safetensors").is_file()
+    proc = run_cli("predict", "--model", tmp_path / "ft", "--data", d / "task.jsonl")
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 40, proc.stderr[-2000:]
