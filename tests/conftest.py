@@ -1,3 +1,4 @@
+import json
 import os
 import pty
 import select
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,3 +93,39 @@ class Terminal:
         if self.proc.poll() is None:
             self.proc.kill()
         os.close(self.master)
+
+
+QUESTIONS = [f"What is {a} plus {b}?" for a in range(2, 10) for b in range(3, 7)]
+
+
+def write_own_files(d: Path) -> None:
+    """A user's own files for every verb, in folder d: SFT records (sft.jsonl), K = 3 rankings (rankings.jsonl),
+    PPO prompts (prompts.jsonl) and a 2-label classification task (task.jsonl)."""
+    def write(name, rows):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write("sft.jsonl", [{"prompt": q, "response": str(eval(q[8:-1].replace("plus", "+")))} for q in QUESTIONS])
+    write("rankings.jsonl", [{"prompt": q, "responses": ["7", "I don't know.", "banana"], "ranks": [1, 2, 3]} for q in QUESTIONS])
+    write("prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    write("task.jsonl", [{"text": f"{w} number {i}", "label": w} for i in range(40) for w in ("odd", "even") if i % 2 == (w == "odd")])
+
+
+def run_ranks(args, ranks: int = 1, env: dict | None = None) -> str:
+    """`gptstack ARGS` under torchrun with `ranks` CPU processes (returns their stdout), or with 1 in this process at
+    one thread, as torchrun gives each rank, so both compute alike. `env`: extra environment for either."""
+    from gptstack.cli import main
+    args, env = [str(a) for a in args], env or {}
+    if ranks == 1:
+        threads = torch.get_num_threads()
+        with pytest.MonkeyPatch.context() as mp:
+            for key, value in env.items():
+                mp.setenv(key, value)
+            torch.set_num_threads(1)
+            try:
+                assert main(args) == 0
+            finally:
+                torch.set_num_threads(threads)
+        return ""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "gptstack", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    return res.stdout

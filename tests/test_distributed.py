@@ -1,15 +1,12 @@
 """1 rank == 2 ranks: `torchrun --nproc_per_node=2` on CPU (gloo) against one process with the
 same global batch, and checkpoints that move between world sizes, for DDP and FSDP2."""
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import TINY
+from conftest import TINY, run_ranks
 from gptstack.checkpoint import load_model, read_weights
 from gptstack.cli import main
 from gptstack.stages import RunConfig
@@ -22,21 +19,7 @@ SETTINGS = [*TINY, "pretrain.steps=6", "pretrain.log_every=1", "pretrain.ckpt_ev
 
 def pretrain(out, corpus, cache, ranks=1, *extra) -> str:
     """`gptstack pretrain` under torchrun with `ranks` processes, or in this process; its stdout."""
-    args = ["pretrain", "--out", str(out), "--data", str(corpus), *SETTINGS, *extra]
-    if ranks == 1:  # one thread, as torchrun gives each rank, so both sides compute alike
-        threads = torch.get_num_threads()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("GPTSTACK_CACHE", str(cache))
-            torch.set_num_threads(1)
-            try:
-                assert main(args) == 0
-            finally:
-                torch.set_num_threads(threads)
-        return ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "gptstack", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "GPTSTACK_CACHE": str(cache)})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res.stdout
+    return run_ranks(["pretrain", "--out", out, "--data", corpus, *SETTINGS, *extra], ranks, {"GPTSTACK_CACHE": str(cache)})
 
 
 def train_losses(run) -> list[tuple[int, float]]:

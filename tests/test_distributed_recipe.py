@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_ranks, write_own_files
 from gptstack.checkpoint import load_model, read_weights
-from gptstack.cli import main
 
 HERE = Path(__file__).resolve().parent
 TRAIN = "train.steps=6 train.batch_size=8 train.micro_batch_size=2 train.ckpt_every=3 train.keep_checkpoints=2 " \
@@ -40,19 +40,7 @@ def argv(verb, d, out) -> list:
 
 def run(args, ranks=1) -> str:
     """The verb under torchrun with `ranks` processes, or in this process at one thread (as torchrun gives each rank)."""
-    args = [str(a) for a in args]
-    if ranks == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert main(args) == 0
-        finally:
-            torch.set_num_threads(threads)
-        return ""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "-m", "gptstack", *args]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    return res.stdout
+    return run_ranks(args, ranks)
 
 
 def curve(out) -> list[tuple[int, float]]:
@@ -86,12 +74,7 @@ def data(tmp_path_factory, random_model_dir, corpus):
     d = tmp_path_factory.mktemp("recipe")
     (d / "base").symlink_to(random_model_dir)
     (d / "corpus").symlink_to(corpus)
-    questions = [f"What is {a} plus {b}?" for a in range(2, 10) for b in range(3, 7)]
-    write = lambda name, rows: (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
-    write("sft.jsonl", [{"prompt": q, "response": str(eval(q[8:-1].replace("plus", "+")))} for q in questions])
-    write("rankings.jsonl", [{"prompt": q, "responses": ["7", "I don't know.", "banana"], "ranks": [1, 2, 3]} for q in questions])
-    write("prompts.jsonl", [{"prompt": q} for q in questions])
-    write("task.jsonl", [{"text": f"{w} number {i}", "label": w} for i in range(40) for w in ("odd", "even") if i % 2 == (w == "odd")])
+    write_own_files(d)
     run(["sft", "--from", d / "base", "--data", d / "sft.jsonl", "--out", d / "sft", "sft.epochs=1"])
     run(["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", d / "rm", "rm.epochs=1"])
     return d
@@ -241,11 +224,11 @@ def test_every_model_of_the_ppo_stage_lives_on_the_stage_device(data, tmp_path, 
 
 
 def same_figures(a, b, path=""):
-    """Two report.json sections alike: every string, count and list equal, every figure within 1e-4 (timings aside)."""
+    """Two report.json sections alike: every string, count and list equal, every figure within 1e-4 (timings and memory aside)."""
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
-            if k not in ("seconds", "train_seconds", "stage_seconds", "tokens_per_sec", "mfu", "world_size", "versus", "name"):
+            if k not in ("seconds", "train_seconds", "stage_seconds", "tokens_per_sec", "mfu", "world_size", "versus", "name", "peak_rss_mb"):
                 same_figures(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), path

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, write_own_files
 from gptstack.checkpoint import load_model, read_weights, save_state_dict
 from gptstack.model import GPT, KVCache, ModelConfig
 from gptstack.train import lora
@@ -21,7 +21,6 @@ pytest.importorskip("peft")
 
 LLAMA = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, n_embd=32, n_ctx=48, vocab_size=64, mlp="swiglu", norm="rmsnorm",
                     positions="rope", bias=False)
-QUESTIONS = [f"What is {a} plus {b}?" for a in range(2, 10) for b in range(3, 7)]
 
 
 def lora_cfg(**kw) -> TrainConfig:
@@ -106,10 +105,7 @@ def runs(tmp_path_factory, random_model_dir):
     base = GPT(dataclasses.replace(load_model(random_model_dir).cfg, init_std=0.1))
     save_state_dict(base.state_dict(), d / "base" / "model.safetensors", base.metadata())
     shutil.copy(random_model_dir / "tokenizer.json", d / "base" / "tokenizer.json")
-    write = lambda name, rows: (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
-    write("sft.jsonl", [{"prompt": q, "response": str(eval(q[8:-1].replace("plus", "+")))} for q in QUESTIONS])
-    write("rankings.jsonl", [{"prompt": q, "responses": ["7", "I don't know.", "banana"], "ranks": [1, 2, 3]} for q in QUESTIONS])
-    write("prompts.jsonl", [{"prompt": q} for q in QUESTIONS])
+    write_own_files(d)
     lora_args = ["train.lora_rank=4", "train.lora_alpha=8"]
     sft = run_cli("sft", "--from", d / "base", "--data", d / "sft.jsonl", "--out", d / "sft", "sft.epochs=8",
                   "sft.train.batch_size=8", "sft.train.lr=1e-2", "sft.train.warmup_steps=2", *("sft." + a for a in lora_args))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, write_own_files
 from gptstack.checkpoint import read_weights
 from gptstack.data.records import read_sft_records
 from gptstack.errors import GptstackError
@@ -203,12 +203,7 @@ def test_a_refused_sft_run_leaves_no_folder(random_model_dir, tmp_path):
 def drill_data(tmp_path_factory, random_model_dir, corpus):
     """Your own files for every verb, and an SFT policy and reward model (trained once) for PPO."""
     d = tmp_path_factory.mktemp("drill")
-    questions = [f"What is {a} plus {b}?" for a in range(2, 10) for b in range(3, 7)]
-    write = lambda name, rows: (d / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
-    write("sft.jsonl", [{"prompt": q, "response": str(eval(q[8:-1].replace("plus", "+")))} for q in questions])
-    write("rankings.jsonl", [{"prompt": q, "responses": ["7", "I don't know.", "banana"], "ranks": [1, 2, 3]} for q in questions])
-    write("prompts.jsonl", [{"prompt": q} for q in questions])
-    write("task.jsonl", [{"text": f"{w} number {i}", "label": w} for i in range(40) for w in ("odd", "even") if i % 2 == (w == "odd")])
+    write_own_files(d)
     for verb, argv in (("sft", ["sft", "--from", random_model_dir, "--data", d / "sft.jsonl", "--out", d / "sft", "sft.epochs=1"]),
                        ("rm", ["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", d / "rm", "rm.epochs=1"])):
         proc = run_cli(*argv, timeout=300)
