@@ -100,6 +100,13 @@ class KVCache:
         self.v[layer, :, :, self.len:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def rows(self, n: int) -> "KVCache":
+        """A cache over the first n rows that shares this one's memory (the engine's running batch)."""
+        view = KVCache.__new__(KVCache)
+        view.shape = (self.shape[0], n, *self.shape[2:])
+        view.k, view.v, view.len = self.k[:, :n], self.v[:, :n], self.len
+        return view
+
 
 def rotary(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's angles, (T, head_dim) or (B, T, head_dim): pair i of a head turns by

@@ -87,3 +87,41 @@ def test_a_rows_answer_does_not_depend_on_the_rows_batched_with_it(model):
     firsts = torch.tensor([g.tokens[0] for g in generate(model, [[1]] * 4000, 1, temperature=1.0, seed=5)])
     probs = F.softmax(model(torch.tensor([[1]]))[0][0, -1], -1)
     assert (torch.bincount(firsts, minlength=50) / 4000 - probs).abs().max() < 0.03
+
+
+def test_sequences_joining_a_running_batch_answer_as_they_do_alone(model):
+    """Continuous batching: sequences join between steps into slots others have left, while the cache's columns are
+    dropped and grown under them; each answers as it does alone (greedy and seeded sampling), in fewer steps."""
+    from gptstack.generate import Engine, Sequence
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [5], [4, 4], [9, 9, 9, 9], [2] * 6, [3, 1], [6] * 5]
+    seqs = [Sequence(p, 5 + 4 * i, temperature=0.9 * (i % 2), seed=i, stop_ids=(49,)) for i, p in enumerate(prompts)]
+    alone = [generate(model, [s.prompt], s.max_new_tokens, temperature=s.temperature, seed=[s.seed], stop_ids=(49,))[0]
+             for s in seqs]
+    engine, waiting, columns = Engine(model, slots=3), list(seqs), set()
+    while waiting or engine.busy:
+        if waiting and engine.free_slots():
+            engine.admit([waiting.pop(0)])  # one newcomer a step
+        engine.step()
+        columns.add(engine.valid.size(1))
+    assert [s.out.tokens for s in seqs] == [g.tokens for g in alone]
+    assert [s.out.finished for s in seqs] == [g.finished for g in alone]
+    for s, g in zip(seqs, alone):
+        assert s.out.logprobs == pytest.approx(g.logprobs, abs=1e-4)
+    assert len(columns - {0}) > 1  # the cache grew on the way
+    assert engine.steps < sum(len(g.tokens) for g in alone) and engine.cache.k is None  # emptied: its memory freed
+
+
+def test_a_cancelled_sequence_leaves_at_the_next_step(model):
+    from gptstack.generate import Engine, Sequence
+    engine = Engine(model, slots=2)
+    a, b = Sequence([1, 2], 20, temperature=0), Sequence([3], 20, temperature=0)
+    engine.admit([a, b])
+    engine.step()
+    a.cancelled = True
+    assert engine.step() == [a] and engine.free_slots() == 1 and len(a.out.tokens) == 1
+    c = Sequence([4, 5, 6], 3, temperature=0)
+    engine.admit([c])  # into a's slot
+    while engine.busy:
+        engine.step()
+    assert c.out.tokens == generate(model, [[4, 5, 6]], 3, temperature=0)[0].tokens
+    assert b.out.tokens == generate(model, [[3]], 20, temperature=0)[0].tokens
