@@ -1,8 +1,9 @@
-"""The instruction-following verbs of `gptstack`: sft, chat, compare, label, rm, ppo (parsing and dispatch only)."""
+"""The instruction-following verbs of `gptstack`: sft, chat, serve, compare, label, rm, ppo (parsing and dispatch only)."""
 from __future__ import annotations
 
 import importlib
 import json
+import os
 from pathlib import Path
 
 
@@ -159,6 +160,11 @@ def cmd_chat(args):
     chat(model, tok, args.system, args.max_new_tokens, args.temperature, args.top_p, args.seed)
 
 
+def cmd_serve(args):
+    from .serve.app import serve
+    serve(args.model, args.host, args.port, args.api_key, args.max_batch, args.tokenizer)
+
+
 def cmd_compare(args):
     from .checkpoint import find_tokenizer
     from .comparisons import compare, read_prompts
@@ -279,3 +285,20 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--system", help="system message that sets the assistant's behaviour")
     add_sampling_args(p, temperature=0.7, top_p=0.9)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API (continuous batching) and a web chat page",
+                       description="Serves GET /health, GET /v1/models, POST /v1/completions and POST /v1/chat/completions "
+                                   "(streaming with server-sent events) as OpenAI's clients expect them, and a chat page "
+                                   "at /. The model's id in requests is --model as given.",
+                       epilog="e.g. gptstack serve --model runs/demo/ppo, then open http://127.0.0.1:8000/ or point an "
+                              "OpenAI client at http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="RUN/STAGE or model folder, e.g. runs/demo/ppo or models/smollm2")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: the one beside the model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only; "
+                   "0.0.0.0 opens it to the network, so give it an --api-key)")
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="default: 8000")
+    p.add_argument("--api-key", default=os.environ.get("GPTSTACK_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/ (default: $GPTSTACK_API_KEY, else none)")
+    p.add_argument("--max-batch", type=number(int, 1), default=16,
+                   help="sequences decoded together: the running batch's slots (default: 16); more requests wait")
+    p.set_defaults(func=cmd_serve)

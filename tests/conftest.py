@@ -1,10 +1,13 @@
+import contextlib
 import json
 import os
 import pty
 import select
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -129,3 +132,35 @@ def run_ranks(args, ranks: int = 1, env: dict | None = None) -> str:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     return res.stdout
+
+
+@contextlib.contextmanager
+def serving(app):
+    """An ASGI app (gptstack serve's) under uvicorn in a thread, on a free loopback port: yields its base URL."""
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def slowed(model, seconds: float):
+    """The model, each forward taking `seconds` longer: answers that stream slowly enough to stop mid-way."""
+    forward = model.hidden
+
+    def hidden(*args, **kwargs):
+        time.sleep(seconds)
+        return forward(*args, **kwargs)
+    model.hidden = hidden
+    return model
