@@ -90,7 +90,7 @@ async function send(event) {
         stream: true,
         messages: [...(system ? [{ role: "system", content: system }] : []), ...chat.messages],
         temperature: Number($("temperature").value),
-        max_tokens: Number($("max-tokens").value),
+        ...($("max-tokens").value ? { max_tokens: Number($("max-tokens").value) } : {}),
       }),
     });
     if (!r.ok) {
