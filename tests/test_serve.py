@@ -204,3 +204,36 @@ def test_a_client_that_goes_frees_its_slot(random_model_dir):
         h = health(url)
         assert h["running"] == 0 and h["waiting"] == 0 and h["cache_bytes"] == 0
         assert h["decode_steps"] < 40  # it did not run to its 50 tokens
+
+
+def test_the_serve_verb_serves_the_api_and_the_page_from_the_package(random_model_dir):
+    import os
+    import socket
+    import subprocess
+    import sys
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "gptstack", "serve", "--model", str(random_model_dir), "--port", str(port),
+                             "--max-batch", "2"], env={**os.environ, "GPTSTACK_API_KEY": KEY}, stdout=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert "on http://127.0.0.1:" in proc.stdout.readline()  # loopback by default
+        deadline = time.time() + 60
+        while True:
+            try:
+                assert health(url)["slots"] == 2
+                break
+            except OSError:
+                assert proc.poll() is None and time.time() < deadline
+                time.sleep(0.1)
+        page = urllib.request.urlopen(url + "/").read().decode()
+        assert "gptstack chat" in page and "http" not in page.replace("http-equiv", "")  # nothing from a CDN
+        assert b"getReader" in urllib.request.urlopen(url + "/static/app.js").read()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0)
+        model = str(random_model_dir)
+        r = client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens <= 3 and r.model == model
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
