@@ -237,3 +237,15 @@ def test_the_serve_verb_serves_the_api_and_the_page_from_the_package(random_mode
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_completion_logprobs_streamed_are_the_whole_ones(client):
+    ask = dict(model="tiny", prompt="def f", max_tokens=6, temperature=0, logprobs=2)
+    whole = client.completions.create(**ask).choices[0].logprobs
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for c in client.completions.create(**ask, stream=True):
+        for key in streamed:
+            streamed[key] += getattr(c.choices[0].logprobs, key) if c.choices[0].logprobs else []
+    assert streamed == {key: getattr(whole, key) for key in streamed}
+    assert whole.text_offset == [sum(map(len, whole.tokens[:j])) for j in range(len(whole.tokens))]
+    assert all(len(top) == 2 for top in whole.top_logprobs)

@@ -212,8 +212,10 @@ def chat_logprobs(tok, g: Generation, start: int, end: int) -> dict:
                         for j in range(start, end)]}
 
 
-def completion_logprobs(tok, g: Generation, start: int, end: int, offset: int) -> dict:
-    pieces = [tok.decode([t]) for t in g.tokens[start:end]]
-    offsets = [offset + sum(map(len, pieces[:j])) for j in range(len(pieces))]
+def completion_logprobs(tok, g: Generation, start: int, end: int) -> dict:
+    """The legacy completions form; `text_offset`: where each token's text starts in the answer."""
+    pieces = [tok.decode([t]) for t in g.tokens[:end]]
+    offsets = [sum(map(len, pieces[:j])) for j in range(start, end)]
+    pieces = pieces[start:]
     top = [{tok.decode([t]): lp for t, lp in g.top_logprobs[j]} for j in range(start, end)] if g.top_logprobs else None
     return {"tokens": pieces, "token_logprobs": g.logprobs[start:end], "top_logprobs": top, "text_offset": offsets}

@@ -152,12 +152,12 @@ def create_app(model, tok, model_id: str, api_key: str | None = None, max_batch:
         head = {"id": f"cmpl-{run.id}", "created": run.created, "model": model_id, "system_fingerprint": None,
                 "object": "text_completion"}
         if req.stream:
-            lp = (lambda i, a, b: completion_logprobs(tok, run.seqs[i].out, a, b, 0)) if req.logprobs is not None else None
+            lp = (lambda i, a, b: completion_logprobs(tok, run.seqs[i].out, a, b)) if req.logprobs is not None else None
             return sse(stream_chunks(run, req, head, stop_ids, lp, chat=False))
         texts = await whole_texts(run, request)
         return {**head, "usage": run.usage(), "choices": [
             {"index": i, "text": text, "finish_reason": run.finish_reason(i),
-             "logprobs": completion_logprobs(tok, s.out, 0, shown_tokens(s.out, len(s.out.tokens), stop_ids), 0)
+             "logprobs": completion_logprobs(tok, s.out, 0, shown_tokens(s.out, len(s.out.tokens), stop_ids))
              if req.logprobs is not None else None}
             for i, (s, text) in enumerate(zip(run.seqs, texts))]}
 
