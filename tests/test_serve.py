@@ -249,3 +249,20 @@ def test_completion_logprobs_streamed_are_the_whole_ones(client):
     assert streamed == {key: getattr(whole, key) for key in streamed}
     assert whole.text_offset == [sum(map(len, whole.tokens[:j])) for j in range(len(whole.tokens))]
     assert all(len(top) == 2 for top in whole.top_logprobs)
+
+
+def test_a_client_that_goes_before_a_plain_answer_frees_its_slot(random_model_dir):
+    model, tok = load_model(random_model_dir), Tokenizer.load(find_tokenizer(random_model_dir))
+    with serving(create_app(slowed(model, 0.05), tok, "tiny", max_batch=4)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": "tiny", "prompt": "def f", "max_tokens": 60}),
+                     {"Content-Type": "application/json"})
+        deadline = time.time() + 10
+        while not health(url)["running"] and time.time() < deadline:
+            time.sleep(0.02)
+        conn.close()  # gone before the answer
+        while health(url)["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        h = health(url)
+        assert h["running"] == 0 and h["decode_steps"] < 50

@@ -164,15 +164,17 @@ class Run:
             pass
 
     async def events(self, request=None):
-        """With `request` (a plain response): give up when its client has gone."""
-        left = len(self.seqs)
+        """With `request` (a plain response): give up when its client has gone (looked at twice a second)."""
+        left, looked = len(self.seqs), self.loop.time()
         while left:
-            try:
-                i, item = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+            if request is not None and self.loop.time() - looked > 0.5:
+                looked = self.loop.time()
+                if await request.is_disconnected():
                     self.cancel()
                     return
+            try:
+                i, item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
                 continue
             if isinstance(item, BaseException):
                 raise APIError(500, f"the engine failed: {item}", kind="server_error")
