@@ -1,32 +1,36 @@
 """Peak memory measurement (perf.py): a stage's peak is its own, and a block inside it (a Trainer's fit) measures its
-own peak without hiding it from the stage's."""
+own peak without hiding it from the stage's. Run in a fresh interpreter: in a long test process, freed memory that
+stays resident would absorb the allocations and leave the high-water mark where it was."""
+import json
+import subprocess
 import sys
 
 import pytest
-import torch
-
-from gptstack.perf import peak_rss_mb, peak_rss_within, reset_peak_rss
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the high-water mark resets on Linux only")
 
-MB = 1024 * 1024
+SCENARIO = """
+import json, torch
+from gptstack.perf import peak_rss_mb, peak_rss_within, reset_peak_rss
 
-
-def allocate(mb: int) -> None:
-    """Touch `mb` MiB and free them: the resident high-water mark rises by about that much."""
-    block = torch.ones(mb * MB // 4)
+def allocate(mb):  # touch `mb` MiB and free them: the resident high-water mark rises by about that much
+    block = torch.ones(mb * 1024 * 1024 // 4)
     del block
+
+allocate(400)  # an earlier stage's peak
+out = {"earlier": peak_rss_mb(), "reset": reset_peak_rss(), "start": peak_rss_mb()}
+allocate(300)  # the stage, before the block
+with peak_rss_within() as block:
+    allocate(150)
+out |= {"block": block.mb, "stage": peak_rss_mb()}
+print(json.dumps(out))
+"""
 
 
 def test_a_block_measures_its_own_peak_and_the_measurement_around_it_still_sees_it():
-    allocate(400)  # an earlier stage's peak
-    earlier = peak_rss_mb()
-    assert reset_peak_rss()
-    start = peak_rss_mb()
-    assert start < earlier - 300  # the earlier stage's peak is forgotten
-    allocate(300)  # before the block
-    with peak_rss_within() as block:
-        allocate(150)
-    assert block.mb is not None and block.mb < start + 250  # the block's 150, not the 300 before it
-    assert block.mb > start + 100
-    assert peak_rss_mb() > start + 250  # the stage still counts the 300 MiB it reached before the block
+    res = subprocess.run([sys.executable, "-c", SCENARIO], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["reset"] and got["start"] < got["earlier"] - 300  # the earlier stage's peak is forgotten
+    assert got["start"] + 100 < got["block"] < got["start"] + 250  # the block's 150 MiB, not the 300 before it
+    assert got["stage"] > got["start"] + 250  # the stage still counts the 300 MiB it reached before the block
