@@ -80,8 +80,8 @@ _peak_before_block = 0.0
 
 
 def _clear_high_water_mark() -> bool:
-    """Linux: /proc/self/clear_refs, value 5, resets the high-water mark that VmHWM and ru_maxrss report. False where
-    that is unavailable: the peak then runs on from the process's start."""
+    """Linux: /proc/self/clear_refs, value 5, resets the address space's high-water mark (VmHWM). False where that is
+    unavailable: the peak then runs on from the process's start."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -91,10 +91,16 @@ def _clear_high_water_mark() -> bool:
 
 
 def _high_water_mark_mb() -> float:
-    import resource
-    import sys
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes, Linux KiB
+    """Linux: VmHWM, this address space's own mark (ru_maxrss would also count the parent's memory at fork, carried
+    through exec); elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # KiB
+    except (OSError, StopIteration):
+        import resource
+        import sys
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes, Linux KiB
 
 
 def reset_peak_rss() -> bool:
