@@ -1,9 +1,11 @@
 """Measured matmul peak of this machine, for MFU: the best measurement so far, per device/dtype/threads."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import types
 
 import torch
 
@@ -72,9 +74,14 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return max(table.get(key, 0.0), _measured[key])
 
 
-def reset_peak_rss() -> bool:
-    """Start a new peak resident-set measurement for this process (Linux: /proc/self/clear_refs, value 5, resets the
-    high-water mark that VmHWM and ru_maxrss report). False where that is unavailable: the peak then runs on."""
+# The peak a measurement reached before a block inside it (`peak_rss_within`) reset the OS's high-water mark: the
+# outer measurement's peak is the larger of that and the mark afterwards.
+_peak_before_block = 0.0
+
+
+def _clear_high_water_mark() -> bool:
+    """Linux: /proc/self/clear_refs, value 5, resets the address space's high-water mark (VmHWM). False where that is
+    unavailable: the peak then runs on from the process's start."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -83,9 +90,41 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def _high_water_mark_mb() -> float:
+    """Linux: VmHWM, this address space's own mark (ru_maxrss would also count the parent's memory at fork, carried
+    through exec); elsewhere ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # KiB
+    except (OSError, StopIteration):
+        import resource
+        import sys
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes, Linux KiB
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak resident-set measurement for this process; False where the OS cannot (see above)."""
+    global _peak_before_block
+    _peak_before_block = 0.0
+    return _clear_high_water_mark()
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MiB) since the last `reset_peak_rss`, or since it started."""
-    import resource
-    import sys
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb / 1024 / (1024 if sys.platform == "darwin" else 1)  # macOS counts bytes, Linux KiB
+    return max(_peak_before_block, _high_water_mark_mb())
+
+
+@contextlib.contextmanager
+def peak_rss_within():
+    """The block's own peak resident memory, as `.mb` once it ends (None where the OS cannot reset the mark); the
+    measurement around it (`peak_rss_mb`) still counts the block and what came before it."""
+    global _peak_before_block
+    before = peak_rss_mb()
+    block = types.SimpleNamespace(mb=None)
+    own = _clear_high_water_mark()
+    try:
+        yield block
+    finally:
+        block.mb = _high_water_mark_mb() if own else None
+        _peak_before_block = max(_peak_before_block, before)

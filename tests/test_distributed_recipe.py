@@ -228,7 +228,7 @@ def same_figures(a, b, path=""):
     if isinstance(a, dict):
         assert a.keys() == b.keys(), path
         for k in a:
-            if k not in ("seconds", "train_seconds", "stage_seconds", "tokens_per_sec", "mfu", "world_size", "versus", "name", "peak_rss_mb"):
+            if k not in ("seconds", "train_seconds", "stage_seconds", "tokens_per_sec", "mfu", "world_size", "versus", "name", "peak_rss_mb", "train_peak_rss_mb"):
                 same_figures(a[k], b[k], f"{path}.{k}")
     elif isinstance(a, list):
         assert len(a) == len(b), path

@@ -174,7 +174,8 @@ def finished(run: Path, name: str) -> bool:
 
 def run_stage(stage: Stage, ctx: Context) -> dict:
     """One stage into ctx.run; rank 0 writes its summary.json last, which marks it finished. A `measured` stage's
-    section also gets its peak memory and its LoRA rank (0: full fine-tuning)."""
+    section also gets its peak memory and its LoRA rank (0: full fine-tuning); the stage reports its training's
+    own peak (`train_peak_rss_mb`, from the Trainer)."""
     own_peak = reset_peak_rss()
     summary = stage.run(ctx)
     if ctx.rank == 0 and summary:

@@ -329,7 +329,8 @@ def train_ppo(cfg, policy_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, pt
                             out / "model.safetensors", policy.metadata())
     barrier()  # the policy's own file exists before any rank reads it
     return {"steps": steps, "rollouts": p.rollouts, "selected": summary.get("selected"),
-            "train_seconds": summary.get("seconds"), "final_beta": objective.kl.beta}
+            "train_seconds": summary.get("seconds"), "final_beta": objective.kl.beta,
+            "train_peak_rss_mb": summary.get("peak_rss_mb")}
 
 
 def train_rounds(cfg, sft_dir: Path, rm_dir: Path, out: Path, tok: Tokenizer, prompts: Prompts, val_prompts: Prompts,

@@ -143,7 +143,8 @@ def run_rm(cfg, policy: Path, out: Path, tok: Tokenizer, data: Path | None = Non
         model.bias.fill_(bias)
         result = {"rankings": len(train), "pairs": train.pairs, "val_rankings": len(val), "val_pairs": val.pairs,
                   "steps": steps, "gain": gain, "bias": bias, "val_accuracy": (summary.get("final") or {}).get("val_accuracy"),
-                  "tokens_per_sec": summary.get("tokens_per_sec"), "mfu": summary.get("mfu")}
+                  "tokens_per_sec": summary.get("tokens_per_sec"), "mfu": summary.get("mfu"),
+                  "train_peak_rss_mb": summary.get("peak_rss_mb")}
         if test is not None:
             result |= {"split": "test", "test_rankings": len(test), "test_pairs": test.pairs,
                        "test_accuracy": labeler_accuracy(model, test)}

@@ -119,7 +119,7 @@ def run_sft(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     result = {"steps": steps, "demonstrations": len(train), "val_demonstrations": len(val),
               "truncated": train.truncated + val.truncated, "val_loss": (summary.get("final") or {}).get("val_loss"),
               "selected": selected, "tokens_per_sec": summary.get("tokens_per_sec"),
-              "mfu": summary.get("mfu"), "train_seconds": summary.get("seconds")}
+              "mfu": summary.get("mfu"), "train_seconds": summary.get("seconds"), "train_peak_rss_mb": summary.get("peak_rss_mb")}
     if result["truncated"]:
         log(f"[sft] note: {result['truncated']} conversations were longer than {model.cfg.n_ctx} tokens; their start was cut")
     samples = None

@@ -50,9 +50,10 @@ def has_lora(model: nn.Module) -> bool:
     return bool(layers(model))
 
 
-def active_adapter(model: nn.Module) -> str | None:
-    """The adapter forwards of `model` run through now (None: adapters off, the base model)."""
-    first = layers(model)[0]
+def active_adapter(model: nn.Module, wrapped: list | None = None) -> str | None:
+    """The adapter forwards of `model` run through now (None: adapters off, the base model). `wrapped`: its LoRA
+    layers, when the caller has them already."""
+    first = (wrapped or layers(model))[0]
     return None if first.disable_adapters else first.active_adapters[0]
 
 
@@ -62,8 +63,11 @@ def use_adapter(model: nn.Module, name: str | None):
     set requires_grad (only the active adapter trains); PPO trains two adapters in one update, so the flags are put
     back as they were: which parameters train never changes."""
     wrapped = layers(model)
+    before = active_adapter(model, wrapped)
+    if name == before:  # already so (the policy's forwards after sampling): nothing to switch on this hot path
+        yield
+        return
     trainable = {p: p.requires_grad for m in wrapped for p in m.parameters()}
-    before = active_adapter(model)
 
     def select(adapter):
         for m in wrapped:

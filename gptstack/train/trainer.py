@@ -38,7 +38,7 @@ from ..errors import GptstackError
 from ..io import (append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, folder_lock, read_json,
                   read_jsonl_loose)
 from ..model import GPT
-from ..perf import peak_flops
+from ..perf import peak_flops, peak_rss_within
 from . import lora
 from .distributed import (any_rank, barrier, broadcast_from_main, clip_grad_norm, data_parallel, dist_env, gather_objects,
                           gradient_sync, init_distributed, load_sharded_optimizer, load_whole_state,
@@ -357,8 +357,9 @@ class Trainer:
         """Train to `steps` (resuming from the newest checkpoint) and publish; rank 0 holds the output folder's
         lock throughout, so a second process writing there stops at once. Returns rank 0's summary on every rank,
         once the published files exist, so every rank may go on to read them."""
-        with folder_lock(self.out) if self.is_main else contextlib.nullcontext():
+        with folder_lock(self.out) if self.is_main else contextlib.nullcontext(), peak_rss_within() as memory:
             summary = self._fit()
+        summary["peak_rss_mb"] = memory.mb  # training's own peak (the stage's evaluation aside)
         barrier()
         return broadcast_from_main(summary)
 
