@@ -8,7 +8,10 @@ from pathlib import Path
 from ..checkpoint import load_model
 from ..config import at_least
 from ..evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
+from ..io import atomic_write_json
 from .base import Context, Stage
+
+PER_EXAMPLE = "per_example.json"  # {task: {shots_K: [{index, correct, ...}]}}: what each accuracy averages
 
 
 @dataclass
@@ -28,7 +31,8 @@ def run(ctx: Context) -> dict:
     p = ctx.cfg.prompting
     tasks = resolve_tasks(p.tasks, ctx.folder("prompting") / "tasks", p.seed)
     model = load_model(ctx.folder("pretrain"), "auto")
-    results = sweep(model, ctx.tokenizer(), tasks, p.shots, p.limit, p.seed, ctx.log)
+    results, per_example = sweep(model, ctx.tokenizer(), tasks, p.shots, p.limit, p.seed, ctx.log)
+    atomic_write_json(ctx.folder("prompting") / PER_EXAMPLE, per_example)  # the contamination stage splits these
     plot_shots({"pretrain": results}, ctx.run / "plots" / "shots.png", CHANCE)
     return {"prompting": results}
 
