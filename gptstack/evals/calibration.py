@@ -135,7 +135,7 @@ def plot_reliability(results: dict[str, dict], path: Path) -> Path:
             ax.bar([b["lo"] for b in rows], [b["accuracy"] for b in rows], width=width, align="edge",
                    edgecolor="black", alpha=0.7, label="accuracy")
             ax.plot([0, 1], [0, 1], "--", c="gray", lw=1, label="perfect")
-            ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], "o", c="C3", ms=3, label="mean confidence")
+            ax.plot([b["confidence"] for b in rows], [b["accuracy"] for b in rows], "o", c="C3", ms=3, label="bin: (mean confidence, accuracy)")
             ax.set_title(f"{name} ({fmt})\nECE {r['ece']:.3f}, acc {r['accuracy']:.2f} (n={r['n']})", fontsize=9)
             ax.set_xlabel("confidence (P of chosen answer)")
             ax.set_xlim(0, 1)

@@ -17,9 +17,9 @@ from ..checkpoint import find_tokenizer, load_model
 from ..config import at_least
 from ..errors import GptstackError
 from ..evals.calibration import BINS, FORMATS, calibrate, lettered, plot_reliability
-from ..evals.prompting import resolve_tasks
 from ..tokenizer import Tokenizer
 from .base import Context, Stage
+from .prompting import run_tasks
 
 RUN_MODELS = ("import", "pretrain", "sft", "ppo")  # in recipe order: before and after post-training
 
@@ -85,7 +85,7 @@ def run(ctx: Context) -> dict:
     if not models:
         raise GptstackError(f"{ctx.run}: no model to calibrate (no pretrain, import, sft or ppo model)")
     folder = ctx.folder("calibration") / "tasks"
-    tasks = task_formats(resolve_tasks(c.tasks, folder, ctx.cfg.prompting.seed), c.formats, folder)
+    tasks = task_formats(run_tasks(ctx, c.tasks), c.formats, folder)
     results = calibrate_models(models, tasks, c, ctx.log)
     plot_reliability(by_format(results), ctx.run / "plots" / "calibration.png")
     # report.json's stable keys: calibration.<model>.{ece, accuracy, n}

@@ -20,10 +20,10 @@ from ..data.sources import DataConfig, iter_documents
 from ..data.tokens import is_val
 from ..errors import GptstackError
 from ..evals.contamination import MIN_WORDS, NgramIndex, Overlap, split_accuracy
-from ..evals.prompting import example_text, load_task, resolve_tasks
+from ..evals.prompting import example_text, load_task
 from ..io import read_json, read_jsonl_loose
 from .base import Context, Stage
-from .prompting import PER_EXAMPLE
+from .prompting import PER_EXAMPLE, run_tasks
 
 
 @dataclass
@@ -114,14 +114,14 @@ def run(ctx: Context) -> dict:
     ctx.log(f"[contamination] training data: {', '.join(f'{v} {k}' for k, v in counts.items())} documents")
     index = NgramIndex.build(docs, c.n, ctx.folder("contamination"), desc="contamination index")
     result: dict = {"n_gram": c.n, "call_out": c.call_out, "index_ngrams": len(index), "index_key": index.key,
-                    "training_documents": counts, "tasks": {}}
-    tasks = result["tasks"]
+                    "training_documents": counts}
+    tasks: dict = {}
     p = ctx.cfg.prompting
     per_example = read_json(ctx.folder("prompting") / PER_EXAMPLE) if (ctx.folder("prompting") / PER_EXAMPLE).is_file() else {}
     if (ctx.run / "prompting").exists():
         shots = f"shots_{max(p.shots)}"
         result["shots"] = max(p.shots)
-        for name, path in resolve_tasks(p.tasks, ctx.folder("prompting") / "tasks", p.seed).items():
+        for name, path in run_tasks(ctx, p.tasks).items():
             scored = per_example.get(name, {}).get(shots)
             correct = {e["index"]: bool(e["correct"]) for e in scored} if scored is not None else None
             tasks[name] = figures(index.check(task_texts(path)), correct) | {"scored_by": "pretrain"}
