@@ -35,6 +35,16 @@ def test_an_over_confident_predictor_has_the_hand_computed_ece():
     assert reliability([1.0, 0.0], [True, False], bins=10)[0] == 0.0  # the edges fall in the end bins
 
 
+def test_the_ece_interval_holds_the_ece_and_narrows_with_more_questions():
+    from gptstack.evals.calibration import ece_interval, figures
+    rng = random.Random(1)
+    conf = [rng.uniform(0.4, 1.0) for _ in range(2000)]
+    right = [rng.random() < c - 0.2 for c in conf]  # over-confident by 0.2
+    wide, narrow = ece_interval(conf[:100], right[:100]), ece_interval(conf, right)
+    assert narrow[0] <= figures(conf, right)["ece"] <= narrow[1] and narrow[1] - narrow[0] < wide[1] - wide[0]
+    assert 0.15 < narrow[0] and narrow[1] < 0.25
+
+
 def test_option_probabilities_are_a_softmax_over_the_options():
     p = option_probabilities([-3.0, -1.0, -1.0 - math.log(3)])
     assert sum(p) == pytest.approx(1) and p[1] == pytest.approx(0.75 * (1 - p[0]))

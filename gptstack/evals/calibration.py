@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import yaml
@@ -70,10 +71,20 @@ def reliability(conf: list[float], right: list[bool], bins: int = BINS) -> tuple
     return ece, rows
 
 
+def ece_interval(conf: list[float], right: list[bool], bins: int = BINS, resamples: int = 200, seed: int = 0,
+                 level: float = 0.9) -> list[float]:
+    """A bootstrap interval of the ECE over the questions (resampled with replacement): its sampling noise."""
+    rng = random.Random(seed)
+    n = len(conf)
+    values = sorted(reliability([conf[i] for i in pick], [right[i] for i in pick], bins)[0]
+                    for pick in ([rng.randrange(n) for _ in range(n)] for _ in range(resamples)))
+    return [values[int((1 - level) / 2 * (resamples - 1))], values[int((1 + level) / 2 * (resamples - 1))]]
+
+
 def figures(conf: list[float], right: list[bool], bins: int = BINS) -> dict:
     ece, rows = reliability(conf, right, bins)
-    return {"ece": ece, "accuracy": sum(right) / len(right), "mean_confidence": sum(conf) / len(conf), "n": len(conf),
-            "bins": rows}
+    return {"ece": ece, "ece_interval": ece_interval(conf, right, bins), "accuracy": sum(right) / len(right),
+            "mean_confidence": sum(conf) / len(conf), "n": len(conf), "bins": rows}
 
 
 def lettered(path: Path, folder: Path) -> Path:

@@ -104,11 +104,12 @@ def markdown(run: Path, r: dict) -> list[str]:
              "MMLU's format (options listed, the answer a letter), as in GPT-4's figure; *options*: each option's text "
              "as the answer (its summed log-likelihood: longer options are far less probable, so confidence is near 1 "
              "whatever the model believes). Nothing here chose anything.", "",
-             "| model | format | ECE | accuracy | mean confidence | n | " + " | ".join(f"ECE {t}" for t in s["tasks"]) + " |",
+             "| model | format | ECE (90% bootstrap) | accuracy | mean confidence | n | " + " | ".join(f"ECE {t}" for t in s["tasks"]) + " |",
              "|---|---|---|---|---|---|" + "---|" * len(s["tasks"])]
     for name, formats in models.items():
         for fmt, m in formats.items():
-            lines.append(f"| {name} | {fmt} | {m['ece']:.3f} | {m['accuracy']:.3f} | {m['mean_confidence']:.3f} | {m['n']} | "
+            lo, hi = m["ece_interval"]
+            lines.append(f"| {name} | {fmt} | {m['ece']:.3f} ({lo:.3f}–{hi:.3f}) | {m['accuracy']:.3f} | {m['mean_confidence']:.3f} | {m['n']} | "
                          + " | ".join(f"{m['by_task'][t]['ece']:.3f}" for t in s["tasks"]) + " |")
     lines.append("")
     if (run / "plots" / "calibration.png").is_file():
