@@ -116,3 +116,21 @@ def test_pipeline_stages_split_the_runs_own_prompting_results(corpus, tmp_path):
     assert (run / "plots" / "calibration.png").is_file()
     report = (run / "report.md").read_text()
     assert "## Contamination" in report and "## Calibration" in report
+
+
+def test_the_instruction_worlds_prompts_are_checked_against_sft_demonstrations(tmp_path):
+    from gptstack.stages import Context, RunConfig
+    from gptstack.stages.contamination import instruct_prompts, run
+    cfg = RunConfig.resolve("tiny", overrides=["sft.demonstrations=400", "sft.dev_prompts=40", "sft.eval_prompts=60"])
+    (tmp_path / "sft").mkdir()  # a run whose only training data is its SFT demonstrations
+    _, test = instruct_prompts(cfg)
+    right = [i % 3 == 0 for i in range(len(test))]
+    rows = [{"prompt": p.user, "correct": c} for p, c in zip(test, right)]
+    (tmp_path / "sft" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run(Context(tmp_path, cfg, log=lambda *a: None))["contamination"]
+    assert out["settings"]["training_documents"] == {"pretrain": 0, "sft": 380}  # 5% held out for validation
+    t = out["instruct_test"]
+    assert t["n"] == 60 and t["n_scored"] == 60 and t["acc_all"] == pytest.approx(sum(right) / 60)
+    assert out["instruct_dev"]["acc_all"] is None and 0 <= out["instruct_dev"]["dirty_share"] <= 1
+    (tmp_path / "sft" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::-1]))  # other order
+    assert run(Context(tmp_path, cfg, log=lambda *a: None))["contamination"]["instruct_test"]["acc_all"] is None
