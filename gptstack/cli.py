@@ -197,10 +197,68 @@ def cmd_eval_prompting(args):
     for m in args.model:
         model = load_model(m, "auto")
         tok = Tokenizer.load(find_tokenizer(m))
-        results[str(m)] = sweep(model, tok, tasks, shots, args.limit, args.seed, log=lambda s: print(s, file=sys.stderr))
+        results[str(m)], _ = sweep(model, tok, tasks, shots, args.limit, args.seed, log=lambda s: print(s, file=sys.stderr))
     if args.plot:
         plot_shots(results, Path(args.plot), CHANCE)
     print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=1))
+
+
+def cmd_eval_contamination(args):
+    from .data.sources import DataConfig
+    from .data.tokens import cache_dir
+    from .evals.contamination import NgramIndex
+    from .evals.prompting import resolve_tasks, sweep
+    from .stages import RunConfig
+    from .stages.contamination import figures, fmt, pretraining_documents, run_training_documents, task_texts
+    if not args.run and not args.data:
+        raise GptstackError("name the training data: --run RUN (what that run trained on) and/or --data SOURCE")
+    docs = []
+    if args.run:
+        run = Path(args.run)
+        if not (run / "config.yaml").is_file():
+            raise GptstackError(f"--run {run}: no config.yaml (not a run folder)")
+        docs += run_training_documents(run, RunConfig.load(run / "config.yaml"))[0]
+    if args.data:
+        docs += list(pretraining_documents(DataConfig(sources=[_parse_source(s) for s in args.data]), args.val_fraction))
+    cache = Path(args.run) / "contamination" if args.run else cache_dir() / "contamination"
+    index = NgramIndex.build(docs, args.n, cache, desc="contamination index")
+    tasks = resolve_tasks(args.task or ["cloze", "continuation", "arithmetic", "docstring_name"],
+                          cache_dir() / "prompting" / str(args.seed), args.seed)
+    overlaps = {name: index.check(task_texts(path)) for name, path in tasks.items()}
+    scored = {}
+    if args.model:
+        from .checkpoint import find_tokenizer, load_model
+        from .tokenizer import Tokenizer
+        model = load_model(args.model, "auto")
+        _, per_example = sweep(model, Tokenizer.load(find_tokenizer(args.model)), tasks, [args.shots], args.limit,
+                               args.seed, log=lambda s: print(s, file=sys.stderr))
+        scored = {name: {e["index"]: bool(e["correct"]) for e in per_example[name][f"shots_{args.shots}"]} for name in tasks}
+    out = {name: figures(o, scored.get(name)) for name, o in overlaps.items()}
+    for name, r in out.items():
+        print(f"{name}: {r['dirty_share']:.1%} of {r['n']} dirty ({r['too_short_share']:.0%} too short to test)"
+              + (f"; acc all {fmt(r['acc_all'])} clean {fmt(r['acc_clean'])} dirty {fmt(r['acc_dirty'])}" if name in scored else ""),
+              file=sys.stderr)
+    print(json.dumps({"n_gram": args.n, "index_ngrams": len(index), "training_documents": len(docs), "tasks": out}, indent=1))
+
+
+def cmd_eval_calibration(args):
+    from .config import check
+    from .data.tokens import cache_dir
+    from .evals.calibration import plot_reliability
+    from .evals.prompting import resolve_tasks
+    from .stages.calibration import CalibrationConfig, by_format, calibrate_models, task_formats
+    c = CalibrationConfig(tasks=args.task or CalibrationConfig().tasks, shots=args.shots, limit=args.limit, bins=args.bins,
+                          formats=args.format or CalibrationConfig().formats, seed=args.seed)
+    check(c, "calibration")
+    models = {}
+    for m in args.model:
+        models[Path(m).name if Path(m).name not in models else m] = Path(m)
+    folder = cache_dir() / "prompting" / str(args.seed)
+    tasks = task_formats(resolve_tasks(c.tasks, folder, args.seed), c.formats, folder / "lettered")
+    results = calibrate_models(models, tasks, c, log=lambda s: print(s, file=sys.stderr))
+    if args.plot:
+        plot_reliability(by_format(results), Path(args.plot))
+    print(json.dumps(results, indent=1))
 
 
 def cmd_tokenizer(args):
@@ -356,6 +414,40 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="which few-shot examples each query gets")
     e.add_argument("--plot", help="write the accuracy-against-K plot here (PNG)")
     e.set_defaults(func=cmd_eval_prompting)
+    e = esub.add_parser("contamination", help="n-gram overlap of eval examples with training data (GPT-3's method); "
+                        "with --model, accuracy on the full, clean and dirty subsets",
+                        description="An eval example is dirty when one of its N-grams of normalised words (lower case, "
+                        "punctuation and whitespace ignored) occurs in a training document; one of 8..N-1 words when it "
+                        "occurs whole; under 8 words it cannot be tested (counted clean). The index is cached, keyed by "
+                        "the training content's hash.")
+    e.add_argument("--run", help="a run folder: check against what it trained on (pretraining split, SFT "
+                   "demonstrations, RM and PPO prompts); the index is cached in RUN/contamination/")
+    e.add_argument("--data", action="append", default=[], metavar="SOURCE",
+                   help="training data source(s) (stdlib, file, folder, glob, *.jsonl, ...); repeatable")
+    e.add_argument("--val-fraction", type=number(float, 0, 0.999), default=0.0,
+                   help="with --data: leave out the documents a run with this data.val_fraction holds out (default 0: all)")
+    e.add_argument("--task", action="append", help="task name or task.yaml (repeatable; default: all built-in)")
+    e.add_argument("--n", type=number(int, 8), default=13, help="words per gram (default 13, GPT-3's; at least 8)")
+    e.add_argument("--model", help="also score the tasks with this model folder: accuracy on all, clean and dirty")
+    e.add_argument("--shots", type=number(int, 0), default=0, help="with --model: examples in context (default 0)")
+    e.add_argument("--limit", type=number(int, 0), default=0, help="with --model: at most this many queries per task (0: all)")
+    e.add_argument("--seed", type=int, default=0, help="built-in tasks' seed and the few-shot draw")
+    e.set_defaults(func=cmd_eval_contamination)
+    e = esub.add_parser("calibration", help="expected calibration error and reliability diagrams on multiple choice",
+                        description="Each model's probability of its chosen answer (softmax over the options' summed "
+                        "log-likelihoods) against how often it is right; ECE over equal-width confidence bins.")
+    e.add_argument("--model", required=True, action="append", help="model folder; repeat to compare (same questions)")
+    e.add_argument("--task", action="append", help="multiple-choice task name or task.yaml (repeatable; default: "
+                   "continuation, docstring_name)")
+    e.add_argument("--shots", type=number(int, 0), default=0, help="solved examples in each prompt (default 0)")
+    e.add_argument("--limit", type=number(int, 0), default=0, help="at most this many questions per task (0: all)")
+    e.add_argument("--bins", type=number(int, 1), default=10, help="equal-width confidence bins (default 10)")
+    e.add_argument("--format", action="append", choices=["letters", "options"],
+                   help="letters: options listed, the answer a letter (MMLU's, GPT-4's); options: each option's text "
+                        "as the answer; repeatable (default: both, letters first)")
+    e.add_argument("--seed", type=int, default=0, help="built-in tasks' seed and the few-shot draw")
+    e.add_argument("--plot", help="write the reliability diagrams here (PNG)")
+    e.set_defaults(func=cmd_eval_calibration)
 
     p = sub.add_parser("tokenizer", help="train / use a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

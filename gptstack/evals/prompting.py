@@ -14,6 +14,9 @@ A task is a YAML file next to its data:
 Scoring: multiple choice by the summed log-likelihood of each choice given the context (`acc`),
 and divided by the choice's length in characters (`acc_norm`); generation by greedy decoding and
 exact match; greedy (LAMBADA) by whether the answer is the model's greedy continuation.
+Each figure is the mean of per-query results that evaluate_task also returns (`per_example`: the query's
+position in the data, whether it was right, and for multiple choice every choice's log-likelihood): the
+clean/dirty split of the contamination eval and the calibration eval are computed from these, not rescored.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm import tqdm
 
 from .. import plots
 from ..config import from_dict
@@ -99,6 +103,16 @@ def target(task: PromptTask, rec: dict) -> str:
     return rec["choices"][rec["label"]] if task.kind == "multiple_choice" else _text(task.answer, rec)
 
 
+def query_text(task: PromptTask, rec: dict) -> str:
+    """A query as the model reads it (before any answer)."""
+    return _text(task.template, rec)
+
+
+def example_text(task: PromptTask, rec: dict) -> str:
+    """A query as the model reads it followed by its gold answer: the text a contamination check looks for."""
+    return query_text(task, rec) + task.target_delimiter + target(task, rec)
+
+
 # ---------------------------------------------------------------- the model side
 
 def split_whitespace(context: str, continuation: str) -> tuple[str, str]:
@@ -108,16 +122,17 @@ def split_whitespace(context: str, continuation: str) -> tuple[str, str]:
 
 
 @torch.no_grad()
-def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16) -> list[tuple[float, bool]]:
+def loglikelihood(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 16,
+                  desc: str = "") -> list[tuple[float, bool]]:
     """(sum of log P(continuation | context), is the continuation the greedy one) for each request.
-    The context is cut from the left to fit the window; the continuation never is."""
+    The context is cut from the left to fit the window; the continuation never is. `desc`: a progress bar."""
     device = model.wte.weight.device
     n_ctx = model.cfg.n_ctx
     was = model.training
     model.eval()
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
     out: list = [None] * len(requests)
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not desc, unit="batch", mininterval=2.0):
         idx = order[start:start + batch_size]
         rows = []
         for i in idx:
@@ -184,13 +199,13 @@ def build_prompt(task: PromptTask, tok: Tokenizer, query: dict, examples: list[d
 
 
 def evaluate_task(model, tok: Tokenizer, task: PromptTask, data: list[dict], pool: list[dict], shots: int,
-                  limit: int = 0, seed: int = 0) -> dict:
+                  limit: int = 0, seed: int = 0, desc: str = "") -> dict:
     queries = data[:limit] if limit else data
     rng = random.Random(seed)
     n_ctx = model.cfg.n_ctx
     fits, skipped = [], 0
-    prompts, kept = [], []
-    for q in queries:
+    prompts, kept, positions = [], [], []
+    for position, q in enumerate(queries):
         candidates = [e for e in pool if e is not q and e != q]  # never the query itself
         examples = rng.sample(candidates, min(shots, len(candidates)))
         answers = q["choices"] if task.kind == "multiple_choice" else [target(task, q)]
@@ -203,13 +218,16 @@ def evaluate_task(model, tok: Tokenizer, task: PromptTask, data: list[dict], poo
         fits.append(k)
         prompts.append(text)
         kept.append(q)
+        positions.append(position)
     result = {"n": len(kept), "shots": shots, "shots_fit": sum(fits) / max(len(fits), 1), "skipped": skipped}
     if not kept:
-        return {**result, "acc": 0.0}
+        return {**result, "acc": 0.0, "per_example": []}
     if task.kind == "generation":
         outs = generate_until(model, tok, [tok.encode(p) for p in prompts], task.stop, task.max_gen_tokens)
-        result["acc"] = sum(o.strip() == target(task, q).strip() for o, q in zip(outs, kept)) / len(kept)
+        right = [o.strip() == target(task, q).strip() for o, q in zip(outs, kept)]
+        result["acc"] = sum(right) / len(kept)
         result["examples"] = [{"prompt": p[-200:], "output": o, "target": target(task, q)} for p, o, q in list(zip(prompts, outs, kept))[:3]]
+        result["per_example"] = [{"index": i, "correct": c} for i, c in zip(positions, right)]
         return result
     requests, owners = [], []
     for i, (p, q) in enumerate(zip(prompts, kept)):
@@ -218,31 +236,41 @@ def evaluate_task(model, tok: Tokenizer, task: PromptTask, data: list[dict], poo
             ctx, cont = split_whitespace(p, task.target_delimiter + a)
             requests.append((tok.encode(ctx), tok.encode(cont)))
             owners.append((i, len(a)))
-    scores = loglikelihood(model, requests)
+    scores = loglikelihood(model, requests, desc=desc)
     if task.kind == "greedy":
         result["acc"] = sum(greedy for _, greedy in scores) / len(kept)
+        result["per_example"] = [{"index": i, "correct": greedy} for i, (_, greedy) in zip(positions, scores)]
         return result
     per_query: list[list] = [[] for _ in kept]
     for (i, chars), (ll, _) in zip(owners, scores):
         per_query[i].append((ll, ll / max(chars, 1)))
-    gold = [q["label"] for q in kept]
-    result["acc"] = sum(max(range(len(s)), key=lambda j: s[j][0]) == g for s, g in zip(per_query, gold)) / len(kept)
-    result["acc_norm"] = sum(max(range(len(s)), key=lambda j: s[j][1]) == g for s, g in zip(per_query, gold)) / len(kept)
+    examples = []
+    for i, s, q in zip(positions, per_query, kept):
+        lls = [ll for ll, _ in s]
+        examples.append({"index": i, "label": q["label"], "loglik": lls,
+                         "correct": max(range(len(s)), key=lambda j: s[j][0]) == q["label"],
+                         "correct_norm": max(range(len(s)), key=lambda j: s[j][1]) == q["label"]})
+    result["acc"] = sum(e["correct"] for e in examples) / len(kept)
+    result["acc_norm"] = sum(e["correct_norm"] for e in examples) / len(kept)
+    result["per_example"] = examples
     return result
 
 
-def sweep(model, tok: Tokenizer, task_paths: dict[str, Path], shots: list[int], limit: int = 0, seed: int = 0, log=print) -> dict:
-    """{task: {shots_K: {acc, acc_norm?, n, shots_fit, ...}}} for every task and K."""
-    out = {}
+def sweep(model, tok: Tokenizer, task_paths: dict[str, Path], shots: list[int], limit: int = 0, seed: int = 0,
+          log=print) -> tuple[dict, dict]:
+    """({task: {shots_K: {acc, acc_norm?, n, shots_fit, ...}}}, {task: {shots_K: per-example results}}) for every
+    task and K: the figures, and what they are averages of (by position in the task's data)."""
+    out, per_example = {}, {}
     for name, path in task_paths.items():
         task, data, pool = load_task(path)
-        out[name] = {}
+        out[name], per_example[name] = {}, {}
         for k in shots:
             r = evaluate_task(model, tok, task, data, pool, k, limit, seed)
+            per_example[name][f"shots_{k}"] = r.pop("per_example")
             out[name][f"shots_{k}"] = r
             norm = f", acc_norm {r['acc_norm']:.3f}" if "acc_norm" in r else ""
             log(f"[prompting] {name} {k}-shot: acc {r['acc']:.3f}{norm} (n={r['n']}, {r['shots_fit']:.1f} examples fit)")
-    return out
+    return out, per_example
 
 
 def builtin_tasks(folder: Path, seed: int = 0) -> dict[str, Path]:

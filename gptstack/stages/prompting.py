@@ -8,7 +8,10 @@ from pathlib import Path
 from ..checkpoint import load_model
 from ..config import at_least
 from ..evals.prompting import CHANCE, plot_shots, resolve_tasks, sweep
-from .base import Context, Stage
+from ..io import atomic_write_json
+from .base import Context, Stage, finished
+
+PER_EXAMPLE = "per_example.json"  # {task: {shots_K: [{index, correct, ...}]}}: what each accuracy averages
 
 
 @dataclass
@@ -28,9 +31,21 @@ def run(ctx: Context) -> dict:
     p = ctx.cfg.prompting
     tasks = resolve_tasks(p.tasks, ctx.folder("prompting") / "tasks", p.seed)
     model = load_model(ctx.folder("pretrain"), "auto")
-    results = sweep(model, ctx.tokenizer(), tasks, p.shots, p.limit, p.seed, ctx.log)
+    results, per_example = sweep(model, ctx.tokenizer(), tasks, p.shots, p.limit, p.seed, ctx.log)
+    atomic_write_json(ctx.folder("prompting") / PER_EXAMPLE, per_example)  # the contamination stage splits these
     plot_shots({"pretrain": results}, ctx.run / "plots" / "shots.png", CHANCE)
     return {"prompting": results}
+
+
+def run_tasks(ctx: Context, names: list[str]) -> dict[str, Path]:
+    """{name: task.yaml} of built-in tasks or task files: the built-in ones the finished prompting stage wrote (the
+    same queries it scored, with its seed) when it wrote them all, else built into its folder."""
+    folder = ctx.folder("prompting") / "tasks"
+    files = [n for n in names if n.endswith((".yaml", ".yml")) or Path(n).is_file()]
+    built = {n: folder / n / "task.yaml" for n in names if n not in files}
+    if finished(ctx.run, "prompting") and all(p.is_file() for p in built.values()):
+        return {**built, **resolve_tasks(files, folder)}
+    return resolve_tasks(names, folder, ctx.cfg.prompting.seed)
 
 
 def markdown(run: Path, r: dict) -> list[str]:
