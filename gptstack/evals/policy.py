@@ -92,3 +92,17 @@ def win_rate(ours: list[dict], theirs: list[dict], key: str = "gold_score") -> d
             # each subset's contribution to the overall rate above one half
             "excess_from_correctness": sum(w - 0.5 for w in by_correct) / n,
             "excess_from_style": sum(w - 0.5 for w in by_style) / n}
+
+
+def judged_by(prompts: Prompts) -> str:
+    """The sample key a win is decided by: the gold labeler's score on the world's prompts, else the RM's."""
+    return "gold_score" if prompts.suite is not None else "rm_score"
+
+
+def versus_sft(policy, sft, rm: RewardModel | None, tok, prompts: Prompts, p) -> tuple:
+    """`policy` against the SFT model it started from, on `prompts`: (its figures with the KL to SFT, its samples, SFT's
+    figures, SFT's samples, its win rate against SFT, or None when nothing judges: no world and no RM)."""
+    ours, samples = evaluate_policy(policy, sft.sequence_logprobs, rm, tok, prompts, p)
+    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
+    key = judged_by(prompts)
+    return ours, samples, base, base_samples, win_rate(samples, base_samples, key) if key in samples[0] else None

@@ -24,7 +24,7 @@ from ..checkpoint import load_model
 from ..config import at_least
 from ..data.records import read_rankings
 from ..errors import GptstackError
-from ..evals.policy import evaluate_policy, win_rate, world_prompts
+from ..evals.policy import versus_sft, world_prompts
 from ..evals.rm import pair_agreement
 from ..io import atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
@@ -90,10 +90,7 @@ def gold_agreement(rewards: list[list[float]], data: Preferences, suite) -> dict
 
 def against_sft(dpo, sft, rm, tok, prompts, d) -> tuple[dict, list[dict], list[dict]]:
     """The DPO policy against SFT on `prompts`, judged as PPO is: (figures with SFT's as sft_*, DPO's samples, SFT's)."""
-    key = "gold_score" if prompts.suite is not None else "rm_score"
-    ours, samples = evaluate_policy(dpo, sft.sequence_logprobs, rm, tok, prompts, d)
-    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, d)
-    wins = win_rate(samples, base_samples, key) if key in samples[0] else None
+    ours, samples, base, base_samples, wins = versus_sft(dpo, sft, rm, tok, prompts, d)
     flat = lambda figures: {k: v for k, v in figures.items() if not isinstance(v, dict) and k != "n"}  # noqa: E731
     figures = {"n": len(prompts), **flat(ours), **{f"sft_{k}": v for k, v in flat(base).items()}}
     if wins is not None:

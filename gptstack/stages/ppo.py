@@ -27,7 +27,7 @@ from ..data.loader import build_sampler
 from ..data.records import read_prompt_records
 from ..errors import GptstackError
 from ..evals.lm import windows_loss
-from ..evals.policy import Prompts, evaluate_policy, win_rate, world_prompts
+from ..evals.policy import Prompts, evaluate_policy, judged_by, versus_sft, win_rate, world_prompts
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
 from ..train import lora
@@ -117,15 +117,13 @@ def prompt_sets(cfg) -> tuple[Prompts, Prompts, Prompts]:
 def against_sft(ppo, no_ptx, sft, rm: RewardModel, tok, prompts: Prompts, p):
     """PPO (and PPO without ptx, if given) against SFT on `prompts`: (PPO's figures, its samples, SFT's figures,
     SFT's samples, PPO's win rate against SFT, the no-ptx run's figures or None)."""
-    key = "gold_score" if prompts.suite is not None else "rm_score"
-    ours, samples = evaluate_policy(ppo, sft.sequence_logprobs, rm, tok, prompts, p)
-    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
+    ours, samples, base, base_samples, wins = versus_sft(ppo, sft, rm, tok, prompts, p)
     nop = None
     if no_ptx is not None:
         figures, nop_samples = evaluate_policy(no_ptx, sft.sequence_logprobs, rm, tok, prompts, p)
         nop = {**{k: v for k, v in figures.items() if not isinstance(v, dict)},
-               "win_rate_vs_sft": (w := win_rate(nop_samples, base_samples, key))["win_rate"], "wins": w}
-    return ours, samples, base, base_samples, win_rate(samples, base_samples, key), nop
+               "win_rate_vs_sft": (w := win_rate(nop_samples, base_samples, judged_by(prompts)))["win_rate"], "wins": w}
+    return ours, samples, base, base_samples, wins, nop
 
 
 def load_rules(p, device="cpu"):
@@ -378,7 +376,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
         train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, train_prompts, val_prompts, log)
 
     sft, ppo, no_ptx_model, rm = evaluation_models(run_policy, out, no_ptx, rm_dir, device)
-    key = "gold_score" if prompts.suite is not None else "rm_score"
+    key = judged_by(prompts)
     with autocast(device, precision):
         log(f"[ppo] evaluating on {len(prompts)} test prompts: PPO against SFT")
         ours, samples, base, base_samples, wins, nop = against_sft(ppo, no_ptx_model, sft, rm, tok, prompts, p)
