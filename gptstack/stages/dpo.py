@@ -275,6 +275,7 @@ def headline(r: dict) -> str:
     return f"dpo: validation implicit-reward pair accuracy {r.get('val_accuracy', float('nan')):.3f} on {r['val_pairs']:,} pairs"
 
 
+# opt-in (as finetune): its training and evaluation would take `make demo` past its 20-minute budget on 2 cores
 STAGE = Stage("dpo", run, "DPO from SFT on the reward model's rankings (sigmoid, IPO or listwise), judged beside PPO-ptx",
-              config=DPOConfig, depends=("sft", "rm"), report=markdown, headline=headline, measured=True)
+              config=DPOConfig, depends=("sft", "rm"), report=markdown, headline=headline, default=False, measured=True)
 
