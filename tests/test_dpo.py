@@ -13,7 +13,7 @@ from gptstack.errors import GptstackError
 from gptstack.evals.policy import Prompts, evaluate_policy
 from gptstack.model import GPT, ModelConfig
 from gptstack.tokenizer import Tokenizer, chat_messages
-from gptstack.train.dpo import DPOObjective, Preferences, listwise_loss, preference_loss, reference_logprobs
+from gptstack.train.dpo import DPOObjective, Preferences, listwise_loss, preference_loss, ranking_logprobs
 from gptstack.train.rm import comparisons, encode_answer_masked
 from gptstack.train.trainer import TrainConfig, Trainer
 
@@ -121,7 +121,7 @@ def test_precomputed_reference_gives_the_same_loss_and_gradient(tok):
     policy, reference = tiny_gpt(tok, seed=1), tiny_gpt(tok, seed=2)
     with_model = Preferences(RECORDS, tok, 64)
     stored = Preferences(RECORDS, tok, 64)
-    stored.reference = reference_logprobs(reference, stored)
+    stored.reference = ranking_logprobs(reference, stored)
     grads = []
     for obj, data in ((DPOObjective(with_model, with_model, 0.3, "listwise", 0.0, 0, reference=reference), with_model),
                       (DPOObjective(stored, stored, 0.3, "listwise", 0.0, 0), stored)):

@@ -29,7 +29,7 @@ from ..evals.rm import pair_agreement
 from ..io import atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
 from ..train.distributed import barrier, init_distributed, is_main
-from ..train.dpo import DPOObjective, LossType, Preferences, drop_dropout, reference_logprobs
+from ..train.dpo import DPOObjective, LossType, Preferences, drop_dropout, ranking_logprobs
 from ..train.rm import check_rankings_fit, comparisons, load_reward_model
 from ..train.trainer import TrainConfig, Trainer, autocast, placement
 from .base import Context, Stage
@@ -70,7 +70,7 @@ class DPOConfig:
 def implicit_rewards(policy, reference, data: Preferences, beta: float) -> list[list[float]]:
     """β·(log π − log π_ref) of every answer of every ranking: DPO's implicit reward, a ranker like the RM."""
     return [[beta * (a - b) for a, b in zip(pa, pb)]
-            for pa, pb in zip(reference_logprobs(policy, data), data.reference or reference_logprobs(reference, data))]
+            for pa, pb in zip(ranking_logprobs(policy, data), data.reference or ranking_logprobs(reference, data))]
 
 
 def labeler_accuracy(rewards: list[list[float]], data: Preferences) -> float:
@@ -125,7 +125,7 @@ def run_dpo(cfg, policy_dir: Path, out: Path, tok: Tokenizer, data: Path, val_da
     if d.reference == "precomputed":
         log(f"[dpo] the reference's log-probabilities of {sum(len(a) for a, _ in train.examples + val.examples):,} answers")
         with autocast(device, precision):
-            train.reference, val.reference = reference_logprobs(reference, train), reference_logprobs(reference, val)
+            train.reference, val.reference = ranking_logprobs(reference, train), ranking_logprobs(reference, val)
         reference = None  # no second model during training
     steps = d.train.steps or max(1, math.ceil(d.epochs * len(train) / d.train.batch_size))
     train_cfg = dataclasses.replace(d.train, steps=steps, ckpt_every=min(d.train.ckpt_every, steps))

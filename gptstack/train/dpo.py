@@ -20,7 +20,7 @@ prompt whose answers all tie has nothing to learn and does not count, and a micr
 prompts, so gradient accumulation is exact. At π = π_ref every h is 0: the sigmoid loss is ln 2 and the margins 0.
 
 The reference is either a frozen model evaluated beside the policy, or its log-probabilities of every answer
-computed once before training (`reference_logprobs`), so that no second model stays in memory.
+computed once before training (`ranking_logprobs`), so that no second model stays in memory.
 """
 from __future__ import annotations
 
@@ -77,8 +77,9 @@ def answer_logprobs(model, ids: torch.Tensor, answer: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def reference_logprobs(model: GPT, data: Preferences, batch_size: int = 16) -> list[list[float]]:
-    """The reference's summed log-probability of every answer of every ranking, computed once, on the model's device."""
+def ranking_logprobs(model: GPT, data: Preferences, batch_size: int = 16) -> list[list[float]]:
+    """`model`'s summed log-probability of every answer of every ranking, on its device: the reference's, computed once
+    before training, or the trained policy's, for the implicit rewards."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(data), batch_size):
