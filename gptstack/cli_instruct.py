@@ -1,4 +1,4 @@
-"""The instruction-following verbs of `gptstack`: sft, chat, serve, compare, label, rm, ppo (parsing and dispatch only)."""
+"""The instruction-following verbs of `gptstack`: sft, chat, serve, compare, label, rm, ppo, dpo (parsing and dispatch only)."""
 from __future__ import annotations
 
 import importlib
@@ -65,6 +65,11 @@ FLAG_HELP = {
     "ppo.rbrm": "rule-based rewards: a rubric YAML, or 'world' for the built-in one",
     "ppo.rounds": "world: > 1 ranks the current policy's answers and retrains the RM between rounds",
     "ppo.versus": "world: also judge the PPO policy against this policy folder, e.g. a larger SFT model (repeatable)",
+    "dpo.loss": "sigmoid (DPO's pairwise loss), ipo (squared, toward 1/(2β)) or listwise (Plackett-Luce over the whole ranking)",
+    "dpo.beta": "β: the implicit reward is β·log π/π_ref; larger keeps the policy closer to the reference",
+    "dpo.label_smoothing": "sigmoid only: the share of preference labels assumed flipped (conservative DPO), in [0, 0.5)",
+    "dpo.reference": "model: the frozen SFT model beside the policy; precomputed: its log-probs computed once, no second model",
+    "dpo.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding of the policy)",
 }
 
 
@@ -212,6 +217,18 @@ def cmd_ppo(args):
     print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
 
 
+def cmd_dpo(args):
+    from .stages.dpo import run_dpo
+    cfg = settings(args)
+    tok, out = _stage_folder(args.policy, args.out, "dpo")
+    r = run_dpo(cfg, Path(args.policy), out, tok, Path(args.data), *(Path(f) if f else None for f in (args.val, args.test, args.rm)),
+                log=_log).get("dpo", {})
+    if not _keep_tokenizer(tok, out):
+        return
+    print(f"policy: {out / 'model.safetensors'}")
+    print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}))
+
+
 def cmd_label(args):
     from .label import Labeller
     _readline()
@@ -270,6 +287,26 @@ def add_instruction_verbs(sub) -> None:
                        "--kl-coef": "ppo.kl_coef", "--kl-target": "ppo.kl_target", "--rbrm": "ppo.rbrm",
                        "--rounds": "ppo.rounds", "--versus": "ppo.versus", "--strategy": "ppo.train.strategy"})
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("dpo", help="direct preference optimisation on rankings: pairwise (sigmoid, IPO) or listwise, no reward model",
+                       description="Trains the policy on K-way rankings directly, with the frozen --policy model as the "
+                                   "reference: every non-tied pair of a prompt grouped per prompt as the reward model's, or "
+                                   "the whole ranking (Plackett-Luce). Log-probabilities are summed over the answer's tokens "
+                                   "in the model's chat template.",
+                       epilog="rankings (JSONL): {prompt, [system], responses, ranks} (1 = best, ties allowed) or pairs "
+                              "{prompt, chosen, rejected}. With the world's rankings (`gptstack rm` writes them) the policy "
+                              "is also judged against SFT on the world's dev prompts, and on its test prompts with --test. "
+                              "Settings: dpo.epochs, dpo.train.lr, dpo.train.batch_size, dpo.train.lora_rank, ...")
+    p.add_argument("--policy", required=True, help="the SFT stage folder: the policy starts there and it is the reference")
+    p.add_argument("--data", required=True, help="rankings JSONL, e.g. runs/demo/rm/rankings.jsonl")
+    p.add_argument("--val", help="validation rankings JSONL: the held-out figures (default: every 10th ranking of --data)")
+    p.add_argument("--test", help="test rankings JSONL: the reported figures, never used for a choice (default: none)")
+    p.add_argument("--rm", help="a reward-model folder: the evaluation adds its score of the answers (default: none)")
+    p.add_argument("--out", help="output folder (default: dpo/ beside the --policy folder)")
+    add_settings_args(p, "dpo", "dpo.train.lr=5e-5 dpo.epochs=2",
+                      {"--loss": "dpo.loss", "--beta": "dpo.beta", "--label-smoothing": "dpo.label_smoothing",
+                       "--reference": "dpo.reference", "--strategy": "dpo.train.strategy"})
+    p.set_defaults(func=cmd_dpo)
 
     p = sub.add_parser("label", help="rank K answers per prompt yourself (terminal UI; resumes where you stopped)",
                        description="Shows each prompt with its answers A, B, C, ... and takes a ranking, best first: "

@@ -1,4 +1,4 @@
-"""Every training verb on torchrun, like pretraining (tests/test_distributed.py): sft, rm, finetune and ppo on 2 CPU
+"""Every training verb on torchrun, like pretraining (tests/test_distributed.py): sft, rm, finetune, ppo and dpo on 2 CPU
 ranks (gloo) against one process with the same global batch, each 2-rank checkpoint resumed in one process, FSDP2
 against DDP, PPO's rollouts answer by answer, and every model of the PPO stage on the stage's device."""
 import json
@@ -25,6 +25,9 @@ def argv(verb, d, out) -> list:
         return ["sft", "--from", d / "base", "--data", d / "sft.jsonl", "--out", out, *(f"sft.{s}" for s in TRAIN.split())]
     if verb == "rm":
         return ["rm", "--from", d / "sft", "--data", d / "rankings.jsonl", "--out", out, *(f"rm.{s}" for s in TRAIN.split())]
+    if verb == "dpo":  # the reference: the frozen SFT model beside the policy on every rank
+        return ["dpo", "--policy", d / "sft", "--data", d / "rankings.jsonl", "--out", out, "--loss", "listwise",
+                *(f"dpo.{s}" for s in TRAIN.split())]
     if verb == "finetune":  # 36 training records x 1.3 epochs / 8 = 6 steps
         return ["finetune", "--task", "classification", "--data", d / "task.jsonl", "--from", d / "base", "--out", out,
                 "finetune.epochs=1.3", "finetune.head_dropout=0",
@@ -100,7 +103,7 @@ def resume_copy(out, to):
     return to
 
 
-@pytest.mark.parametrize("verb", ["sft", "rm", "finetune", "ppo"])
+@pytest.mark.parametrize("verb", ["sft", "rm", "finetune", "ppo", pytest.param("dpo", marks=pytest.mark.slow)])
 def test_two_ranks_equal_one_process_and_resume_in_one(verb, data, one_process, tmp_path):
     """The same losses step by step on 2 ranks as in one process (PPO: the same rollouts too, so the same rewards and
     KL every update), and the 2-rank checkpoint before the last resumes in one process to the same end."""

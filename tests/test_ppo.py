@@ -240,7 +240,7 @@ def test_a_judge_model_reads_with_its_own_tokenizer(setup, random_model_dir):
 
 
 def test_win_rate_counts_ties_half_and_splits_correctness_from_style():
-    from gptstack.stages.ppo import win_rate
+    from gptstack.evals.policy import win_rate
     ours = [{"gold_score": 1.0, "correct": True}, {"gold_score": 0.6, "correct": False},
             {"gold_score": 0.8, "correct": True}, {"gold_score": 0.5, "correct": True}]
     theirs = [{"gold_score": 0.4, "correct": False}, {"gold_score": 0.6, "correct": False},

@@ -1,4 +1,4 @@
-"""The instruction stages end to end on a tiny model: sft -> rm -> ppo (with the RBRM) write the run
+"""The instruction stages end to end on a tiny model: sft -> rm -> ppo (with the RBRM) -> dpo write the run
 folder contract, report.json keys and plots, and the PPO policy chats."""
 import json
 
@@ -11,13 +11,14 @@ SMALL = [*TINY, "model.n_ctx=128", "pretrain.steps=30",
          "rm.prompts=24", "rm.val_prompts=12", "rm.test_prompts=12", "rm.k=3", "rm.max_new_tokens=16", "rm.train.batch_size=8",
          "ppo.rollouts=2", "ppo.rollout_batch=8", "ppo.minibatches=2", "ppo.ppo_epochs=1", "ppo.train_prompts=16",
          "ppo.dev_prompts=10", "ppo.eval_prompts=12", "ppo.max_new_tokens=12", "ppo.eval_every_rollouts=1", "ppo.rbrm=world",
-         "ppo.ptx_seq_len=32", "pretrain.eval_tokens=1024"]
+         "ppo.ptx_seq_len=32", "pretrain.eval_tokens=1024",
+         "dpo.dev_prompts=10", "dpo.eval_prompts=12", "dpo.max_new_tokens=12", "dpo.train.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
 def rlhf_run(corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("rlhf") / "run"
-    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer,pretrain,sft,rm,ppo", *SMALL,
+    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer,pretrain,sft,rm,ppo,dpo", *SMALL,
                    f"ppo.versus=[{run / 'sft'}]", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run
@@ -52,10 +53,16 @@ def test_instruction_stages_write_their_report_keys(rlhf_run):
     other = r["ppo"]["versus"][str(rlhf_run / "sft")]
     assert other["win_rate"] == r["ppo"]["win_rate_vs_sft"] and other["accuracy"] == r["ppo"]["sft_accuracy"]
     assert other["params"] == r["ppo"]["params"]
-    for plot in ("sft.png", "rm_vs_gold.png", "ppo.png"):
+    for key in ("win_rate_vs_sft", "accuracy", "kl", "gold_score", "implicit_reward_gold_agreement", "seconds", "loss_type",
+                "peak_rss_mb", "wins", "test_accuracy_vs_labeler"):
+        assert key in r["dpo"], key
+    assert r["dpo"]["split"] == "test" and r["dpo"]["n"] == 12 and r["dpo"]["dev"]["n"] == 10
+    assert r["dpo"]["sft_accuracy"] == r["ppo"]["sft_accuracy"]  # the same SFT answers to the same test prompts
+    assert r["dpo"]["gold_pairs"] == r["rm"]["gold_pairs"]  # the implicit reward ranks the RM's test rankings
+    for plot in ("sft.png", "rm_vs_gold.png", "ppo.png", "dpo.png"):
         assert (rlhf_run / "plots" / plot).is_file(), plot
     md = (rlhf_run / "report.md").read_text()
-    assert "## Reward model" in md and "## RLHF" in md and "Sample conversations" in md
+    assert "## Reward model" in md and "## RLHF" in md and "Sample conversations" in md and "## DPO" in md
     assert f"Against `{rlhf_run / 'sft'}`" in md
 
 
@@ -85,6 +92,10 @@ def test_every_choice_reads_dev_and_every_figure_reads_test(rlhf_run):
         assert {suite.lookup(r["prompt"], r.get("system")).split for r in rows} == {split}, name
     reported = [json.loads(l)["prompt"] for l in (rlhf_run / "sft" / "samples.jsonl").read_text().splitlines()]
     assert reported == [p.user for p in data.test_prompts]
+    ppo, dpo = ([(r["system"], r["prompt"]) for r in map(json.loads, (rlhf_run / stage / "samples.jsonl").read_text().splitlines())]
+                for stage in ("ppo", "dpo"))
+    assert ppo == dpo and len(dpo) == 12  # PPO and DPO are judged on the same test prompts
+    assert {suite.lookup(p, system).split for system, p in dpo} == {"test"}
 
 
 def test_the_ppo_policy_is_a_plain_model_that_chats(rlhf_run):

@@ -179,8 +179,8 @@ print("no world module imported")
 """
 
 
-def test_sft_rm_and_ppo_on_your_own_files_import_no_world_module(tmp_path, corpus, random_model_dir):
-    """SFT records, rankings and prompts written here; `gptstack sft`, `rm` and `ppo --prompts` in a fresh
+def test_sft_rm_ppo_and_dpo_on_your_own_files_import_no_world_module(tmp_path, corpus, random_model_dir):
+    """SFT records, rankings and prompts written here; `gptstack sft`, `rm`, `ppo --prompts` and `dpo` in a fresh
     process that never imports gptstack.world (its stdlib corpus included: ptx reads a folder of text)."""
     questions = [f"What is {a} plus {b}?" for a in range(2, 9) for b in range(3, 7)]
     sft = [{"prompt": q, "response": str(eval(q[8:-1].replace("plus", "+")))} for q in questions]
@@ -198,7 +198,9 @@ def test_sft_rm_and_ppo_on_your_own_files_import_no_world_module(tmp_path, corpu
              "rm.epochs=2", "rm.train.batch_size=4"],
             ["ppo", "--policy", str(tmp_path / "sft"), "--rm", str(tmp_path / "rm"), "--prompts", str(tmp_path / "prompts.jsonl"),
              "--out", str(tmp_path / "ppo"), "--rbrm", "world", "ppo.rollouts=2", "ppo.rollout_batch=8", "ppo.ppo_epochs=1", "ppo.max_new_tokens=8",
-             "ppo.eval_every_rollouts=1", "ppo.ptx_seq_len=16", "ppo.ptx_coef=0.1", *small]]
+             "ppo.eval_every_rollouts=1", "ppo.ptx_seq_len=16", "ppo.ptx_coef=0.1", *small],
+            ["dpo", "--policy", str(tmp_path / "sft"), "--data", str(tmp_path / "rankings.jsonl"), "--rm", str(tmp_path / "rm"),
+             "--out", str(tmp_path / "dpo"), "--loss", "listwise", "dpo.epochs=2", "dpo.train.batch_size=4"]]
     got = subprocess.run([sys.executable, "-c", NO_WORLD.format(runs=runs)], capture_output=True, text=True, timeout=600)
     assert got.returncode == 0, got.stderr[-3000:]
     assert "no world module imported" in got.stdout
@@ -213,6 +215,9 @@ def test_sft_rm_and_ppo_on_your_own_files_import_no_world_module(tmp_path, corpu
     text = "\n".join(markdown(tmp_path, {"ppo": r}))  # the report section without the gold labeler's figures
     assert "the reward model judges" in text and "| RM score |" in text and "accuracy" not in text
     assert (tmp_path / "plots" / "ppo.png").is_file()
+    d = json.loads((tmp_path / "dpo" / "summary.json").read_text())["dpo"]
+    assert d["loss_type"] == "listwise" and d["rankings"] == 25 and 0 <= d["val_accuracy"] <= 1
+    assert "win_rate_vs_sft" not in d and "implicit_reward_gold_agreement" not in d  # no gold labeler without the world
 
 
 @pytest.mark.parametrize("record, message", [

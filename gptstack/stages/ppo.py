@@ -27,12 +27,12 @@ from ..data.loader import build_sampler
 from ..data.records import read_prompt_records
 from ..errors import GptstackError
 from ..evals.lm import windows_loss
-from ..generate import respond
+from ..evals.policy import Prompts, evaluate_policy, judged_by, versus_sft, win_rate, world_prompts
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_jsonl_loose
 from ..tokenizer import Tokenizer
 from ..train import lora
-from ..train.distributed import across_ranks, barrier, broadcast_from_main, init_distributed, is_main, local_main_first
-from ..train.ppo import ActorCritic, PPOObjective, answer_scores, pack, sample, value_from_reward_model
+from ..train.distributed import barrier, broadcast_from_main, init_distributed, is_main, local_main_first
+from ..train.ppo import ActorCritic, PPOObjective, value_from_reward_model
 from ..train.rm import RewardModel, load_reward_model, scalar_flops_per_token
 from ..train.trainer import TrainConfig, Trainer, autocast, placement
 from .base import Context, Stage
@@ -92,26 +92,6 @@ class PPOConfig:
 
 # ---------------------------------------------------------------- prompts
 
-@dataclass
-class Prompts:
-    """Conversations awaiting an answer; with the world as the source, also its suite prompts (the gold
-    labeler judges answers to those)."""
-    conversations: list[list[dict]]
-    suite: list | None = None
-
-    def __len__(self):
-        return len(self.conversations)
-
-    def request(self, i: int) -> str:
-        return self.conversations[i][-1]["content"]
-
-
-def world_prompts(suite, split: str, n: int, seed: int) -> Prompts:
-    from ..evals.instruct import conversations
-    prompts = suite.prompts(split, n, seed=seed)
-    return Prompts(conversations(prompts), prompts)
-
-
 def prompt_sets(cfg) -> tuple[Prompts, Prompts, Prompts]:
     """(rollout prompts, dev prompts that pick the kept checkpoint, test prompts for the reported figures)."""
     p = cfg.ppo
@@ -132,78 +112,18 @@ def prompt_sets(cfg) -> tuple[Prompts, Prompts, Prompts]:
     return Prompts(train), Prompts(val if val is not None else records[::10]), Prompts(test if test is not None else records[5::10])
 
 
-# ---------------------------------------------------------------- judging a policy
-
-@torch.no_grad()
-def evaluate_policy(policy, reference_logprobs, rm: RewardModel, tok, prompts: Prompts, p) -> tuple[dict, list[dict]]:
-    """Greedy answers to `prompts`, scored by the RM exactly as the rollouts are (the sampled tokens, minus the
-    no-end penalty: `answer_scores`), and by the gold labeler on the world's prompts; given the reference's
-    `sequence_logprobs`, the KL to it per answer, estimated on temperature-1 samples (Σ_t log π − log π_ref). Returns (figures, the greedy
-    answers as samples). Under torchrun the ranks share the sampling and scoring, and each gets every figure."""
-    ids_in = tok.render_prompts(prompts.conversations, policy.cfg.n_ctx, p.max_new_tokens)
-    got = respond(policy, tok, prompts.conversations, p.max_new_tokens)
-    answers = [text for text, _ in got]
-    if prompts.suite is not None:
-        from ..evals.instruct import judge_answers
-        figures, samples = judge_answers(prompts.suite, answers)
-    else:
-        figures = {"n": len(answers), "mean_length": sum(map(len, answers)) / max(len(answers), 1)}
-        samples = [{"messages": c, "answer": a} for c, a in zip(prompts.conversations, answers)]
-    greedy = [g.tokens for _, g in got]
-    length = max(len(a) + len(b) for a, b in zip(ids_in, greedy))
-    scores = across_ranks(lambda rows: answer_scores(
-        rm, [ids_in[i] for i in rows], [greedy[i] for i in rows], [got[i][1].finished for i in rows], tok.pad,
-        p.no_end_penalty, length)[0].tolist(), len(ids_in))
-    for s, r in zip(samples, scores):
-        s["rm_score"] = r
-    figures["rm_score"] = sum(scores) / len(scores)
-    if reference_logprobs is None:
-        return figures, samples
-    gens = sample(policy, ids_in, p.max_new_tokens, 1.0, tok.end, tok.pad, seed=p.seed)
-    ids, mask = pack(ids_in, [g.tokens for g in gens], tok.pad)
-    device = next(policy.parameters()).device
-
-    def kl(rows):  # Σ_t log π − log π_ref over each of this rank's answers
-        r_ids, r_mask = ids[rows].to(device), mask[rows].to(device)
-        return ((policy.sequence_logprobs(r_ids) - reference_logprobs(r_ids)) * r_mask).sum(1).tolist()
-    per_answer = across_ranks(kl, len(ids_in))
-    figures["kl"] = sum(per_answer) / len(per_answer)
-    return figures, samples
-
-
-def win_rate(ours: list[dict], theirs: list[dict], key: str = "gold_score") -> dict:
-    """How often `ours` is preferred to `theirs` (two policies' answers to the same prompts, scored by `key`:
-    the gold labeler's score, or the RM's), ties half. With the gold labeler, split by where wins come from:
-    pairs whose correctness differs, and pairs equally correct (style: length, refusal style, over-refusal)."""
-    rows = []
-    for a, b in zip(ours, theirs):
-        sa, sb = a[key], b[key]
-        rows.append((1.0 if sa > sb else 0.5 if sa == sb else 0.0, a.get("correct") != b.get("correct")))
-    n = len(rows)
-    out = {"win_rate": sum(w for w, _ in rows) / n}
-    if key != "gold_score":
-        return out
-    by_correct = [w for w, differs in rows if differs]
-    by_style = [w for w, differs in rows if not differs]
-    return {**out, "correctness_pairs": len(by_correct), "win_rate_correctness": sum(by_correct) / max(len(by_correct), 1),
-            "style_pairs": len(by_style), "win_rate_style": sum(by_style) / max(len(by_style), 1),
-            # each subset's contribution to the overall rate above one half
-            "excess_from_correctness": sum(w - 0.5 for w in by_correct) / n,
-            "excess_from_style": sum(w - 0.5 for w in by_style) / n}
-
+# ---------------------------------------------------------------- judging the policy (evals/policy.py)
 
 def against_sft(ppo, no_ptx, sft, rm: RewardModel, tok, prompts: Prompts, p):
     """PPO (and PPO without ptx, if given) against SFT on `prompts`: (PPO's figures, its samples, SFT's figures,
     SFT's samples, PPO's win rate against SFT, the no-ptx run's figures or None)."""
-    key = "gold_score" if prompts.suite is not None else "rm_score"
-    ours, samples = evaluate_policy(ppo, sft.sequence_logprobs, rm, tok, prompts, p)
-    base, base_samples = evaluate_policy(sft, None, rm, tok, prompts, p)
+    ours, samples, base, base_samples, wins = versus_sft(ppo, sft, rm, tok, prompts, p)
     nop = None
     if no_ptx is not None:
         figures, nop_samples = evaluate_policy(no_ptx, sft.sequence_logprobs, rm, tok, prompts, p)
         nop = {**{k: v for k, v in figures.items() if not isinstance(v, dict)},
-               "win_rate_vs_sft": (w := win_rate(nop_samples, base_samples, key))["win_rate"], "wins": w}
-    return ours, samples, base, base_samples, win_rate(samples, base_samples, key), nop
+               "win_rate_vs_sft": (w := win_rate(nop_samples, base_samples, judged_by(prompts)))["win_rate"], "wins": w}
+    return ours, samples, base, base_samples, wins, nop
 
 
 def load_rules(p, device="cpu"):
@@ -456,7 +376,7 @@ def run_ppo(cfg, run_policy: Path, rm_dir: Path, out: Path, tok: Tokenizer, log=
         train_ppo(cfg, run_policy, rm_dir, no_ptx, tok, 0.0, train_prompts, val_prompts, log)
 
     sft, ppo, no_ptx_model, rm = evaluation_models(run_policy, out, no_ptx, rm_dir, device)
-    key = "gold_score" if prompts.suite is not None else "rm_score"
+    key = judged_by(prompts)
     with autocast(device, precision):
         log(f"[ppo] evaluating on {len(prompts)} test prompts: PPO against SFT")
         ours, samples, base, base_samples, wins, nop = against_sft(ppo, no_ptx_model, sft, rm, tok, prompts, p)

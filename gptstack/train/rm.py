@@ -80,9 +80,14 @@ def encode_answer(tok: Tokenizer, messages: list[dict], n_ctx: int) -> list[int]
     closes the answer (<|end|>, <|im_end|>): where PPO's sampled answers end, so the reward reads the same token
     in training as in PPO (never the template's text after the stop, as ChatML's newline). An over-long one
     loses its start, so the reward still reads the answer's end."""
+    return encode_answer_masked(tok, messages, n_ctx)[0]
+
+
+def encode_answer_masked(tok: Tokenizer, messages: list[dict], n_ctx: int) -> tuple[list[int], list[bool]]:
+    """`encode_answer` with the template's mask of the answer's own tokens (its content and closing stop token)."""
     ids, learn = tok.render_chat(messages)
     end = max((i + 1 for i, keep in enumerate(learn) if keep), default=len(ids))  # after the answer's last learned token
-    return ids[:end][-n_ctx:]
+    return ids[:end][-n_ctx:], learn[:end][-n_ctx:]
 
 
 class Rankings:
@@ -123,20 +128,23 @@ def ranked_prompts(ranks: torch.Tensor) -> int:
     return int(pair_mask(ranks).any(2).any(1).sum())
 
 
+def pair_mean(x: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """x (B, K, K), a figure of each ordered pair [b, w, l] -> the mean over prompts with a pair of each prompt's
+    mean over its non-tied pairs (w ranked above l): how the RM's loss, and DPO's pairwise losses, weigh pairs.
+    A batch with no pair gives x.sum() * 0 (nothing to learn, but the graph is kept for DDP)."""
+    mask = pair_mask(ranks).to(x.dtype)
+    pairs = mask.sum((1, 2))
+    ranked = pairs > 0
+    if not ranked.any():
+        return x.sum() * 0.0
+    return ((x * mask).sum((1, 2))[ranked] / pairs[ranked]).mean()
+
+
 def pairwise_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rewards (B, K), ranks (B, K) -> (loss, accuracy): the mean over prompts with a pair of each prompt's
     mean over its pairs of −log σ(r_w − r_l), and, averaged the same way, of [r_w > r_l]."""
-    mask = pair_mask(ranks).to(rewards.dtype)
-    pairs = mask.sum((1, 2))
-    ranked = pairs > 0
-    if not ranked.any():  # every answer tied: nothing to learn, but keep the graph for DDP
-        return rewards.sum() * 0.0, torch.zeros(())
     margin = rewards[:, :, None] - rewards[:, None, :]
-
-    def per_prompt_mean(x):
-        return ((x * mask).sum((1, 2))[ranked] / pairs[ranked]).mean()
-
-    return -per_prompt_mean(F.logsigmoid(margin)), per_prompt_mean((margin > 0).to(mask.dtype)).detach()
+    return -pair_mean(F.logsigmoid(margin), ranks), pair_mean((margin > 0).to(margin.dtype), ranks).detach()
 
 
 class RMObjective:
@@ -198,4 +206,4 @@ def normalisation(model: RewardModel, data: Rankings) -> tuple[float, float]:
 
 def check_rankings_fit(records: list[dict], path: Path) -> None:
     if not any(comparisons(r["ranks"]) for r in records):
-        raise GptstackError(f"{path}: every ranking is a full tie; a reward model needs at least one strict preference")
+        raise GptstackError(f"{path}: every ranking is a full tie; learning from rankings (a reward model, DPO) needs at least one strict preference")
