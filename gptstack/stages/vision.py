@@ -55,6 +55,8 @@ class VisionStageConfig:
     encoder: VisionConfig = field(default_factory=lambda: VisionConfig(image_size=32, patch_size=4, shuffle=4))
     captions: int = 4000  # stage 1: train pictures with their captions
     questions: int = 12000  # stage 2: train questions (the types in turn)
+    described: int = 6000  # stage 2 also: more train pictures to describe (LLaVA's stage 2 data has descriptions too);
+    #                        a caption names every object's colour, shape and place, a dense signal for the encoder
     dev_questions: int = 300  # pick stage 2's kept checkpoint
     test_questions: int = 1200  # the reported figures
     align_epochs: float = 1.0  # when align.steps is 0
@@ -70,7 +72,7 @@ class VisionStageConfig:
 
     def problems(self):
         yield from at_least(self, 1, "captions", "questions", "dev_questions", "test_questions", "max_new_tokens")
-        yield from at_least(self, 0, "align_epochs", "epochs", "samples")
+        yield from at_least(self, 0, "align_epochs", "epochs", "samples", "described")
         if not 0 <= self.blind_share < 1:
             yield "blind_share", f"must be in [0, 1), got {self.blind_share}"
         if not self.encoder.image_size:
@@ -127,7 +129,8 @@ def run_vision(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     if seeing is not tok and is_main():
         seeing.save(out / "tokenizer.json")  # it gained <|image|>: the one beside the model, which chat and serve find first
     tok, k = seeing, model.cfg.vision.tokens
-    captions = caption_conversations(world.captions("train", v.captions), size)
+    pictures = world.captions("train", v.captions + v.described)
+    captions = caption_conversations(pictures[:v.captions], size)
     n_val = max(1, len(captions) // 20)
     train, val = (Demonstrations(c, tok, model.cfg.n_ctx, k) for c in (captions[n_val:], captions[:n_val]))
     steps = v.align.steps or max(1, math.ceil(v.align_epochs * len(train) / v.align.batch_size))
@@ -144,6 +147,8 @@ def run_vision(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
     unseen = set(random.Random(v.seed).sample(range(v.questions), round(v.blind_share * v.questions)))
     convs = [question_messages(q, size, i not in unseen, q.answer)
              for i, q in enumerate(world.questions("train", v.questions))]
+    convs += caption_conversations(pictures[v.captions:], size)  # new pictures, not stage 1's
+    random.Random(v.seed).shuffle(convs)  # the validation share gets both kinds
     n_val = max(1, len(convs) // 20)
     train, val = (Demonstrations(c, tok, model.cfg.n_ctx, k) for c in (convs[n_val:], convs[:n_val]))
     dev = world.questions("dev", v.dev_questions)
@@ -156,7 +161,7 @@ def run_vision(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
         figures, _ = evaluate_vision(m, tok, dev, v.max_new_tokens)
         return {"accuracy": figures["accuracy"]}
     log(f"[vision] stage 2: {'encoder, ' if v.train_encoder else ''}projector and decoder on {len(train):,} image "
-        f"questions, {steps} steps; the kept checkpoint has the best accuracy on {len(dev)} dev questions")
+        f"questions and descriptions, {steps} steps; the kept checkpoint has the best accuracy on {len(dev)} dev questions")
     tune = Trainer(tune_cfg, model, SFTObjective(train, val, tune_cfg.seed, model.flops_per_token(_mean_len(train)), dev_eval),
                    out, metadata=model.metadata(), desc="vision tune").fit()
 
@@ -181,7 +186,8 @@ def run_vision(cfg, init: Path, out: Path, tok: Tokenizer, log=print) -> dict:
         "decoder_parameters": sum(p.numel() for n, p in kept.named_parameters() if not n.startswith("vision.")),
         "align": {"steps": align_cfg.steps, "captions": v.captions, "val_loss": (align.get("final") or {}).get("val_loss"),
                   "seconds": align.get("seconds")},
-        "steps": steps, "questions": len(train), "train_encoder": v.train_encoder,
+        "steps": steps, "questions": v.questions, "described": v.described, "train_examples": len(train),
+        "train_encoder": v.train_encoder, "blind_share": v.blind_share,
         "val_loss": (tune.get("final") or {}).get("val_loss"), "train_seconds": tune.get("seconds"),
         "tokens_per_sec": tune.get("tokens_per_sec"), "train_peak_rss_mb": tune.get("peak_rss_mb"),
         "seconds": time.time() - t0,
@@ -259,7 +265,7 @@ def markdown(run: Path, report: dict) -> list[str]:
              f"{r['image_size']} picture at its <|image|> placeholders. Stage 1: the projector alone, {al['steps']} steps "
              f"on {al['captions']:,} captions (val loss {al['val_loss']:.3f}). Stage 2: "
              f"{'encoder, ' if r['train_encoder'] else ''}projector and decoder, {r['steps']} steps on "
-             f"{r['questions']:,} image questions, kept step {r['selected_step']} (dev accuracy "
+             f"{r['questions']:,} image questions ({r['blind_share']:.0%} without their picture) and {r['described']:,} descriptions, kept step {r['selected_step']} (dev accuracy "
              f"{_fmt(r['dev']['accuracy'])} on {r['dev']['n']} questions). {r['seconds'] / 60:.1f} min in all.", "",
              f"Test: {r['n']} questions on pictures that each hold a colour-shape pair never seen in training, "
              "answered greedily and checked by the gold checker; the same model asked without the picture shows the "
