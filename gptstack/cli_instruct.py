@@ -258,7 +258,7 @@ def add_instruction_verbs(sub) -> None:
                                    "vectors replace <|image|> placeholders. Stage 1 trains the projector alone on captions "
                                    "of the built-in image world, stage 2 the decoder and projector (and the encoder) on "
                                    "image questions in the chat template, keeping the checkpoint with the best dev "
-                                   "accuracy; the report is accuracy by question type on test pictures holding held-out "
+                                   "accuracy, and prints accuracy by question type on test pictures holding held-out "
                                    "colour-shape pairs, with and without the picture, against chance.",
                        epilog="Settings: vision.encoder.image_size, vision.encoder.patch_size, vision.encoder.shuffle, "
                               "vision.questions, vision.captions, vision.align.lr, vision.train.lr, vision.epochs, "
