@@ -4,6 +4,7 @@ model that learns colours from pictures, the vision stage through the pipeline, 
 through the server with the openai client."""
 import base64
 import io
+import re
 from collections import Counter
 
 import pytest
@@ -332,3 +333,14 @@ def test_the_vision_stage_through_the_pipeline(tok, tmp_path):
     assert "## Image input" in (run / "report.md").read_text()
     assert (run / "plots" / "vision.png").is_file() and (run / "plots" / "vision_samples.png").is_file()
     assert load_model(run / "vision").cfg.vision.tokens == 4 and "vision: test accuracy" in r.stdout
+
+
+@pytest.mark.parametrize("override,message", [
+    ("vision.blind_share=1", "vision.blind_share' must be in [0, 1)"),
+    ("vision.encoder.image_size=30", "vision.encoder.image_size' (30) must be a multiple of patch_size × shuffle (4 × 4)"),
+    ("vision.train.lora_rank=8", "vision.train.lora_rank' must be 0"),
+])
+def test_bad_vision_settings_are_one_line_errors(override, message):
+    from gptstack.stages import RunConfig
+    with pytest.raises(GptstackError, match=re.escape(message)):
+        RunConfig.resolve("tiny", overrides=[override])

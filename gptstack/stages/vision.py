@@ -80,6 +80,9 @@ class VisionStageConfig:
             yield "blind_share", f"must be in [0, 1), got {self.blind_share}"
         if not self.encoder.image_size:
             yield "encoder.image_size", "must be at least 1 (the pictures' side in pixels)"
+        for name in ("align", "train"):
+            if getattr(self, name).lora_rank:  # its stages choose what trains by freezing parts of the whole model
+                yield f"{name}.lora_rank", "must be 0: the vision stage trains whole parameters"
 
 
 # ---------------------------------------------------------------- the model with image input
