@@ -7,10 +7,15 @@ from __future__ import annotations
 
 import sys
 
-from .generate import generate
-from .tokenizer import Tokenizer
+import torch
 
-HELP = "commands: /system TEXT (set the system message and start over), /reset (start over), /quit; Ctrl-D or Ctrl-C exits"
+from .errors import GptstackError
+from .generate import generate
+from .images import read_image
+from .tokenizer import Tokenizer, conversation_images
+
+HELP = ("commands: /system TEXT (set the system message and start over), /image PATH (show the model a picture with "
+        "your next message), /reset (start over), /quit; Ctrl-D or Ctrl-C exits")
 
 
 class StreamPrinter:
@@ -32,11 +37,11 @@ class StreamPrinter:
         self.shown = text
 
 
-def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> list[dict]:
+def fit_context(tok: Tokenizer, messages: list[dict], budget: int, image_tokens: int = 0) -> list[dict]:
     """The latest turns that fit in `budget` tokens, the system message kept."""
     system = [m for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
-    while len(turns) > 1 and len(tok.render_chat(system + turns, for_generation=True)[0]) > budget:
+    while len(turns) > 1 and len(tok.render_chat(system + turns, True, image_tokens)[0]) > budget:
         turns = turns[1:]
     return system + turns
 
@@ -44,6 +49,9 @@ def fit_context(tok: Tokenizer, messages: list[dict], budget: int) -> list[dict]
 def chat(model, tok: Tokenizer, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
          top_p: float = 0.9, seed: int | None = None, read=input, out=sys.stdout) -> None:
     end = tok.end
+    vision = model.cfg.vision
+    image_tokens = vision.tokens if vision.image_size else 0
+    pictures = []  # shown with the next message (/image)
     messages = [{"role": "system", "content": system}] if system else []
     out.write(f"gptstack chat ({HELP})\n")
     if system:
@@ -71,18 +79,38 @@ def chat(model, tok: Tokenizer, system: str | None = None, max_new_tokens: int =
             messages = [{"role": "system", "content": text}] if text else []
             out.write(f"(system message {'set' if text else 'cleared'}; conversation reset)\n")
             continue
+        if line.split()[0] == "/image":
+            path = line[len("/image"):].strip()
+            if not image_tokens:
+                out.write("(this model takes no images)\n")
+                continue
+            try:
+                pictures.append(read_image(path, vision.image_size))
+            except GptstackError as e:
+                out.write(f"({e})\n")
+                continue
+            out.write(f"(picture {path} will go with your next message)\n")
+            continue
         if line.startswith("/"):
             out.write(f"unknown command {line.split()[0]}; {HELP}\n")
             continue
-        messages.append({"role": "user", "content": line})
+        content = [{"type": "image", "image": p} for p in pictures] + [{"type": "text", "text": line}] if pictures else line
+        messages.append({"role": "user", "content": content})
+        pictures = []
         budget = model.cfg.n_ctx - min(max_new_tokens, model.cfg.n_ctx // 2)
-        messages = fit_context(tok, messages, budget)
-        ids = tok.render_chat(messages, for_generation=True)[0][-budget:]
+        messages = fit_context(tok, messages, budget, image_tokens)
+        try:
+            ids = tok.render_prompts([messages], model.cfg.n_ctx, max_new_tokens, image_tokens)[0]
+        except GptstackError as e:  # a picture whose placeholders do not fit the context
+            messages.pop()
+            out.write(f"({e})\n")
+            continue
+        shown = conversation_images(messages)
         out.write("assistant> ")
         printer = StreamPrinter(tok, out, end)
         try:
             g = generate(model, [ids], max_new_tokens, temperature=temperature, top_p=top_p, stop_ids=(end,),
-                         pad_id=tok.pad, seed=seed, on_token=printer)[0]
+                         pad_id=tok.pad, seed=seed, on_token=printer, images=[torch.stack(shown) if shown else None])[0]
         except KeyboardInterrupt:  # stop this answer, keep the conversation as it was
             messages.pop()
             out.write("\n(interrupted)\n")

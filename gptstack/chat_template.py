@@ -47,7 +47,11 @@ class ChatTemplate:
         return list(messages)
 
     def content(self, message: dict) -> str:
-        return message["content"].strip() if self.trim else message["content"]
+        """The message's text; content given as parts (text and images) reads with <|image|> for each image."""
+        content = message["content"]
+        if not isinstance(content, str):
+            content = "".join(p["text"] if p["type"] == "text" else "<|image|>" for p in content)
+        return content.strip() if self.trim else content
 
     @property
     def jinja(self) -> str:

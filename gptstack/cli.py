@@ -129,21 +129,34 @@ def cmd_predict(args):
 
 
 def cmd_sample(args):
+    import torch
+
     from .checkpoint import find_tokenizer, load_model
     from .generate import generate
+    from .images import read_image
     from .tokenizer import Tokenizer, chat_messages
     model = load_model(args.model, "auto")
     tok = Tokenizer.load(args.tokenizer or find_tokenizer(args.model))
-    if args.chat:  # the prompt is a user turn; the model writes the assistant's
-        prompt = tok.render_chat(chat_messages(args.prompt, args.system), for_generation=True)[0]
+    vision = model.cfg.vision
+    if args.image and not vision.image_size:
+        raise GptstackError(f"--image: the model {args.model} takes no images (train one with `gptstack vision`)")
+    pictures = [read_image(path, vision.image_size) for path in args.image]
+    if args.chat:  # the prompt is a user turn (after the pictures, if any); the model writes the assistant's
+        messages = chat_messages(args.prompt, args.system)
+        if pictures:
+            messages[-1]["content"] = [{"type": "image", "image": p} for p in pictures] + [{"type": "text", "text": args.prompt}]
+        prompt = tok.render_chat(messages, for_generation=True, image_tokens=vision.tokens if pictures else 0)[0]
         stops, shown = (tok.end, tok.eot), ""
-    else:
-        prompt = tok.encode(args.prompt) if args.prompt else [tok.eot]
+    else:  # the pictures' placeholders, then the text to continue
+        prompt = [tok.image_id] * vision.tokens * len(pictures) if pictures else []
+        prompt += tok.encode(args.prompt) if args.prompt or pictures else [tok.eot]
         stops, shown = (tok.eot,), args.prompt
     if len(prompt) >= model.cfg.n_ctx:
         raise GptstackError(f"--prompt is {len(prompt)} tokens; the model's context holds {model.cfg.n_ctx}, answer included")
+    images = [torch.stack(pictures) if pictures else None] * args.num_samples
     gens = generate(model, [prompt] * args.num_samples, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                    stop_ids=stops, pad_id=tok.pad, seed=args.seed, stop_strings=tuple(args.stop), decode=tok.decode)
+                    stop_ids=stops, pad_id=tok.pad, seed=args.seed, stop_strings=tuple(args.stop), decode=tok.decode,
+                    images=images)
     for i, g in enumerate(gens):
         if args.num_samples > 1:
             print(f"--- sample {i + 1}")
@@ -391,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop when the sample contains TEXT (repeatable)")
     p.add_argument("--chat", action="store_true", help="the prompt is a user turn in the chat template (for SFT/RLHF models)")
     p.add_argument("--system", help="with --chat: a system message")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="a picture (PNG, JPEG, ...) before the prompt, for a model with image input (repeatable)")
     p.set_defaults(func=cmd_sample)
 
     add_instruction_verbs(sub)

@@ -1,4 +1,5 @@
-"""The instruction-following verbs of `gptstack`: sft, chat, serve, compare, label, rm, ppo, dpo (parsing and dispatch only)."""
+"""The instruction-following verbs of `gptstack`: sft, vision, chat, serve, compare, label, rm, ppo, dpo (parsing and
+dispatch only)."""
 from __future__ import annotations
 
 import importlib
@@ -48,6 +49,7 @@ FLAG_HELP = {
     "sft.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
     "rm.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding, for models too big for one device)",
     "ppo.train.strategy": "under torchrun: ddp (whole models per rank) or fsdp (FSDP2 sharding of all four models)",
+    "vision.train.strategy": "under torchrun: ddp (a whole model per rank) or fsdp (FSDP2 sharding)",
     "sft.data": "SFT records (JSONL: messages / prompt+response / Alpaca) or 'world'",
     "sft.val_data": "validation records: the val loss, which may pick the kept checkpoint (default: every 10th record)",
     "sft.test_data": "test records: the reported test loss, never used for a choice",
@@ -155,6 +157,24 @@ def cmd_sft(args):
             print(f"  {fam:<12} accuracy {row['accuracy']:.3f} (pretrained {r['base_by_family'][fam]['accuracy']:.3f})")
 
 
+def cmd_vision(args):
+    from .stages.vision import run_vision
+    cfg = settings(args)
+    tok, out = _stage_folder(args.init, args.out, "vision")
+    r = run_vision(cfg, Path(args.init), out, tok, _log).get("vision", {})
+    from .train.distributed import is_main
+    if not (out / "tokenizer.json").is_file():  # (run_vision writes its own there when it adds <|image|>)
+        _keep_tokenizer(tok, out)
+    if not is_main():
+        return
+    print(f"model: {out / 'model.safetensors'} ({r['image_tokens']} image tokens per {r['image_size']}×{r['image_size']} picture)")
+    print(f"test: accuracy {r['accuracy']:.3f} on {r['n']} image questions (without the picture {r['no_image_accuracy']:.3f}, "
+          f"chance {r['chance']:.3f}; dev {r['dev']['accuracy']:.3f})")
+    for t, row in r["by_type"].items():
+        print(f"  {t:<10} accuracy {row['accuracy']:.3f}  without the picture {row['no_image_accuracy']:.3f}  "
+              f"chance {row['chance']:.3f}  n {row['n']}")
+
+
 def cmd_chat(args):
     from .chat import chat
     from .checkpoint import find_tokenizer, load_model
@@ -250,6 +270,22 @@ def add_instruction_verbs(sub) -> None:
                       {"--data": "sft.data", "--val": "sft.val_data", "--test": "sft.test_data", "--strategy": "sft.train.strategy"})
     p.set_defaults(func=cmd_sft)
 
+    p = sub.add_parser("vision", help="image input (GPT-4): a patch encoder and projector trained in LLaVA's two stages",
+                       description="Gives a chat model eyes: a small ViT patch encoder and a pixel-shuffle projector whose "
+                                   "vectors replace <|image|> placeholders. Stage 1 trains the projector alone on captions "
+                                   "of the built-in image world, stage 2 the decoder and projector (and the encoder) on "
+                                   "image questions in the chat template, keeping the checkpoint with the best dev "
+                                   "accuracy, and prints accuracy by question type on test pictures holding held-out "
+                                   "colour-shape pairs, with and without the picture, against chance.",
+                       epilog="Settings: vision.encoder.image_size, vision.encoder.patch_size, vision.encoder.shuffle, "
+                              "vision.questions, vision.captions, vision.align.lr, vision.train.lr, vision.epochs, "
+                              "vision.train_encoder, ... Then: gptstack chat --model OUT (/image PATH), gptstack sample "
+                              "--model OUT --chat --image PATH --prompt '...', gptstack serve --model OUT.")
+    p.add_argument("--from", dest="init", required=True, help="the chat model to give eyes, e.g. runs/demo/sft")
+    p.add_argument("--out", help="output folder (default: vision/ beside the --from folder)")
+    add_settings_args(p, "vision", "vision.questions=20000 vision.train.lr=1e-3", {"--strategy": "vision.train.strategy"})
+    p.set_defaults(func=cmd_vision)
+
     p = sub.add_parser("compare", help="sample K answers per prompt and have them ranked (gold, noisy or human labeler)",
                        epilog="Writes rankings JSONL {prompt, system, responses, ranks, gold_ranks, sources}; with "
                               "--labeler human, a to-do file for `gptstack label`. Settings: rm.agreement, rm.tie_threshold, "
@@ -316,7 +352,7 @@ def add_instruction_verbs(sub) -> None:
     p.add_argument("--out", help="rankings file to append to (default: beside the to-do file, *_ranked.jsonl)")
     p.set_defaults(func=cmd_label)
 
-    p = sub.add_parser("chat", help="talk to a model in the terminal, streamed; /system, /reset, /quit")
+    p = sub.add_parser("chat", help="talk to a model in the terminal, streamed; /system, /image, /reset, /quit")
     p.add_argument("--model", required=True, help="RUN/STAGE folder, e.g. runs/demo/sft")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the one in the run folder)")
     p.add_argument("--system", help="system message that sets the assistant's behaviour")

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .model import GPT, KVCache
+from .tokenizer import conversation_images
 
 ROW_SEED_MIX = 0x9E3779B97F4A7C15  # an odd 64-bit constant (2^64 / golden ratio): (seed, row) pairs map to distinct seeds
 
@@ -66,6 +67,7 @@ class Sequence:
     cancelled: bool = False  # set from any thread: the engine drops the sequence at its next step
     slot: int = -1
     uniforms: torch.Tensor | None = field(default=None, repr=False)  # one per new token, from the sequence's generator
+    images: torch.Tensor | None = field(default=None, repr=False)  # (N, 3, S, S): what the prompt's <|image|> runs show
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -145,7 +147,11 @@ class Engine:
             causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
             mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
         prefill = KVCache(self.model.cfg, B, P)
-        logits = self.model.logits(self.model.hidden(ids, cache=prefill, positions=positions, attn_mask=mask)[:, -1]).float()
+        # the newcomers' images in reading order (row by row), as the splice fills the placeholders
+        shown = [s.images for s in seqs if s.images is not None and len(s.images)]
+        images = torch.cat(shown).to(self.device) if shown else None
+        h = self.model.hidden(ids, cache=prefill, positions=positions, attn_mask=mask, images=images)
+        logits = self.model.logits(h[:, -1]).float()
 
         clock, extent = self.cache.len, max(s.max_new_tokens for s in seqs)
         if clock < P or clock + extent > self.valid.size(1):  # the prompts must end at the clock, their answers fit
@@ -272,11 +278,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
              top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (), pad_id: int = 0,
              seed: int | list[int] | None = None, stop_strings: tuple[str, ...] = (),
              decode: Callable[[list[int]], str] | None = None,
-             on_token: Callable[[int, int], None] | None = None, pad_to: int = 0) -> list[Generation]:
+             on_token: Callable[[int, int], None] | None = None, pad_to: int = 0,
+             images: list[torch.Tensor | None] | None = None) -> list[Generation]:
     """Every prompt answered by an engine of their own, all admitted at once. `seed`: row i's random numbers come
     from `row_seed(seed, i)`, or from `seed[i]` given one seed per row (None: fresh ones). `pad_to`: left-pad every
     prompt to at least this many tokens, through the attention mask whatever the batch, so a row computes alike in
-    any batch padded to the same length (`generate_all`). `on_token(row, token)` streams."""
+    any batch padded to the same length (`generate_all`). `on_token(row, token)` streams. `images[i]`: prompt i's
+    images (N, 3, S, S) for its <|image|> placeholders, or None."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     B, P = len(prompts), max(pad_to, *(len(p) for p in prompts))
@@ -290,8 +298,11 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [row_seed(seed, i) for i in range(B)]
     if len(seeds) != B:
         raise ValueError(f"{len(seeds)} seeds for {B} prompts")
+    if images is not None and len(images) != B:
+        raise ValueError(f"{len(images)} image entries for {B} prompts")
     seqs = [Sequence(list(p), max_new_tokens, temperature, top_k, top_p, s, tuple(stop_ids), tuple(stop_strings),
-                     on_token=None if on_token is None else partial(on_token, i)) for i, (p, s) in enumerate(zip(prompts, seeds))]
+                     on_token=None if on_token is None else partial(on_token, i), images=None if images is None else images[i])
+            for i, (p, s) in enumerate(zip(prompts, seeds))]
     was_training = model.training
     model.eval()
     try:
@@ -305,7 +316,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
 
 
 def generate_all(model: GPT, prompts: list[list[int]], max_new_tokens: int, seed: int = 0, batch_size: int = 64,
-                 **kw) -> list[Generation]:
+                 images: list[torch.Tensor | None] | None = None, **kw) -> list[Generation]:
     """`generate` for many prompts, split across torchrun's ranks and gathered on every rank in prompt order: a rank
     answers prompts rank, rank + world, ... in batches of `batch_size`. Answer i samples with `row_seed(seed, i)`
     and every batch is padded to the longest prompt of all, so the answers are the same on any number of ranks,
@@ -319,7 +330,7 @@ def generate_all(model: GPT, prompts: list[list[int]], max_new_tokens: int, seed
         for start in range(0, len(indices), batch_size):
             rows = indices[start:start + batch_size]
             out += generate(model, [prompts[i] for i in rows], max_new_tokens, seed=[row_seed(seed, i) for i in rows],
-                            pad_to=pad_to, **kw)
+                            pad_to=pad_to, images=None if images is None else [images[i] for i in rows], **kw)
         return out
     return across_ranks(answer, len(prompts))
 
@@ -328,10 +339,13 @@ def respond(model: GPT, tok, conversations: list[list[dict]], max_new_tokens: in
             top_p: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[tuple[str, Generation]]:
     """The assistant's next turn for each conversation (chat messages): (text, Generation) pairs, sampled across
     torchrun's ranks (`generate_all`). A turn cut off by the length limit keeps its text; `Generation.finished` says
-    whether it closed with the template's stop token."""
-    ids = tok.render_prompts(conversations, model.cfg.n_ctx, max_new_tokens)
+    whether it closed with the template's stop token. Image parts go to the model's image encoder."""
+    image_tokens = model.cfg.vision.tokens if model.cfg.vision.image_size else 0
+    ids = tok.render_prompts(conversations, model.cfg.n_ctx, max_new_tokens, image_tokens)
+    shown = [conversation_images(c) for c in conversations]
+    images = [torch.stack(s) if s else None for s in shown] if any(shown) else None
     gens = generate_all(model, ids, max_new_tokens, seed=seed, batch_size=batch_size, temperature=temperature,
-                        top_p=top_p, stop_ids=(tok.end,), pad_id=tok.pad)
+                        top_p=top_p, stop_ids=(tok.end,), pad_id=tok.pad, images=images)
     out = []
     for g in gens:
         body = g.tokens[:-1] if g.finished else g.tokens

@@ -14,6 +14,12 @@ position instead of adding Wp), `n_kv_head` (grouped-query attention: fewer key 
 value heads, each shared by n_head / n_kv_head query heads), `bias` and
 `tie_embeddings` (an output matrix of its own instead of We^T).
 
+Image input (GPT-4; LLaVA's design): a small ViT (`VisionEncoder`: a Conv2d patch embedding, learned
+positions, the decoder's own `Block` attending both ways) reads each image, a projector pixel-shuffles its
+patch grid (s×s neighbouring patches become one vector, s² times wider and s² fewer) and maps it to the decoder's
+width, and `splice_images` puts those vectors where the text holds `<|image|>` placeholders, a fixed number
+per image (`VisionConfig.tokens`). The switches live in `ModelConfig.vision` (image_size 0: text only).
+
 The model returns hidden states so task heads (classifier, scalar reward /
 value) can sit on top; it imports nothing from the training or eval code.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -29,7 +35,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint, noop_context_fn
 
-from .config import from_dict
+from .config import at_least, from_dict
+from .errors import GptstackError
+
+
+@dataclass
+class VisionConfig:
+    """The image encoder and projector: image_size² RGB pixels -> (image_size / patch_size)² patches of width
+    `width` through `layers` bidirectional blocks -> pixel shuffle by `shuffle` -> `tokens` decoder vectors."""
+    image_size: int = 0  # 0: no image input
+    patch_size: int = 4
+    width: int = 96
+    layers: int = 2
+    heads: int = 4
+    shuffle: int = 2  # pixel shuffle: shuffle × shuffle neighbouring patches become one image token
+    image_token: int = -1  # the id of <|image|> in the model's vocabulary (set when the encoder is attached)
+
+    def problems(self):
+        if not self.image_size:
+            return
+        yield from at_least(self, 1, "patch_size", "width", "layers", "heads", "shuffle")
+        if self.image_size % (self.patch_size * self.shuffle):
+            yield "image_size", (f"({self.image_size}) must be a multiple of patch_size × shuffle "
+                                 f"({self.patch_size} × {self.shuffle})")
+        if self.width % self.heads:
+            yield "width", f"({self.width}) must be divisible by heads ({self.heads})"
+
+    @property
+    def grid(self) -> int:
+        """Patches per side."""
+        return self.image_size // self.patch_size
+
+    @property
+    def tokens(self) -> int:
+        """Decoder positions one image takes: its <|image|> placeholders."""
+        return (self.grid // self.shuffle) ** 2
 
 
 @dataclass
@@ -51,6 +91,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     n_kv_head: int = 0  # key/value heads (0: n_head; fewer is grouped-query attention)
     tie_embeddings: bool = True  # the output matrix is We^T
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image input (GPT-4): the encoder and projector
 
     def problems(self):
         for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
@@ -68,6 +109,8 @@ class ModelConfig:
             yield "norm_eps", f"must be positive, got {self.norm_eps}"
         if self.positions == "rope" and (self.n_embd // self.n_head) % 2:
             yield "positions", f"rope needs an even head size, got {self.n_embd // self.n_head}"
+        for key, message in self.vision.problems():
+            yield f"vision.{key}", message
 
     @property
     def head_dim(self) -> int:
@@ -205,6 +248,66 @@ class Block(nn.Module):
         return self.ln2(x + self.mlp(x))
 
 
+class VisionEncoder(nn.Module):
+    """A small ViT and its projector: images (N, 3, S, S) -> (N, tokens, n_embd).
+
+        patches = Conv2d(3, width, patch, stride=patch)(2x - 1) + Wpos      a (grid × grid) patch grid
+        h = blocks(patches), every patch seeing every other (the decoder's Block, bidirectional)
+        projector: pixel shuffle (s × s patches -> one vector of width·s²), then a linear map to n_embd
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        v = cfg.vision
+        self.cfg = v
+        # the decoder's block at the encoder's width (same norm, MLP and bias switches), no dropout
+        block_cfg = replace(cfg, n_embd=v.width, n_head=v.heads, n_kv_head=0, mlp_hidden=0, norm_position="pre",
+                            dropout=0.0, positions="learned", vision=VisionConfig())
+        self.patch = nn.Conv2d(3, v.width, v.patch_size, stride=v.patch_size)
+        self.pos = nn.Parameter(torch.zeros(v.grid * v.grid, v.width))
+        self.blocks = nn.ModuleList(Block(block_cfg) for _ in range(v.layers))
+        self.ln = norm(block_cfg)
+        self.projector = nn.Linear(v.width * v.shuffle ** 2, cfg.n_embd)
+        self.register_buffer("everyone", torch.ones(v.grid * v.grid, v.grid * v.grid, dtype=torch.bool), persistent=False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The encoder's patch features, (N, grid², width). Pixels are uint8 (0..255) or floats in [0, 1]."""
+        v = self.cfg
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, v.image_size, v.image_size):
+            raise GptstackError(f"images must be (N, 3, {v.image_size}, {v.image_size}), got {tuple(images.shape)}")
+        pixels = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        x = self.patch(pixels * 2 - 1).flatten(2).transpose(1, 2) + self.pos
+        for block in self.blocks:
+            x = block(x, attn_mask=self.everyone)  # a mask of all True: attention both ways, not causal
+        return self.ln(x)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Pixel shuffle, then the projector: (N, grid², width) -> (N, tokens, n_embd)."""
+        N, _, C = features.shape
+        g, s = self.cfg.grid, self.cfg.shuffle
+        x = features.view(N, g // s, s, g // s, s, C).permute(0, 1, 3, 2, 4, 5).reshape(N, (g // s) ** 2, s * s * C)
+        return self.projector(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project(self.features(images))
+
+
+def splice_images(embeddings: torch.Tensor, idx: torch.Tensor, image_vectors: torch.Tensor | None,
+                  image_token: int) -> torch.Tensor:
+    """The decoder's input with each `<|image|>` placeholder's row replaced by the next image vector, in reading
+    order (row by row, left to right): image_vectors (N, tokens, n_embd) fill N images' runs of placeholders.
+    The one splice, used by training and generation alike."""
+    where = idx == image_token
+    found, given = int(where.sum()), 0 if image_vectors is None else image_vectors.size(0)
+    per_image = 0 if image_vectors is None else image_vectors.size(1)
+    if found != given * per_image:
+        raise GptstackError(f"{found} <|image|> placeholders for {given} image(s) of {per_image or 'k'} tokens each: "
+                            f"each image needs its {per_image or 'k'} placeholders, and each run of placeholders an image")
+    if not found:
+        return embeddings
+    return embeddings.masked_scatter(where[..., None], image_vectors.to(embeddings.dtype))
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -215,32 +318,56 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.vision = VisionEncoder(cfg) if cfg.vision.image_size else None
         # training switches (the Trainer's train.grad_checkpoint): recompute each block's activations in backward
         # instead of keeping them; recompute_context() -> (forward's, recompute's) context managers, for state the
         # recompute must share with the forward (train/lora.py: the adapter a forward ran through)
         self.grad_checkpoint = False
         self.recompute_context = noop_context_fn
-        self.apply(self._init)
+        self._initialise(self)
+
+    def _initialise(self, module: nn.Module) -> None:
+        module.apply(self._init)
         # GPT-2: scale the residual projections by 1/sqrt(2·n_layer) so the residual stream's variance stays put
-        for name, p in self.named_parameters():
+        for name, p in module.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, 0.0, cfg.init_std / math.sqrt(2 * cfg.n_layer))
+                nn.init.normal_(p, 0.0, self.cfg.init_std / math.sqrt(2 * self.cfg.n_layer))
 
     def _init(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, 0.0, self.cfg.init_std)
+        if isinstance(m, VisionEncoder):
+            nn.init.normal_(m.pos, 0.0, self.cfg.init_std)
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def hidden(self, idx, *, cache: KVCache | None = None, positions=None, attn_mask=None):
-        """Final hidden states h_n, shape (B, T, n_embd)."""
+    def add_vision(self, vision: VisionConfig) -> None:
+        """Attach a freshly initialised image encoder and projector of this shape (`vision.image_token` set)."""
+        self.cfg.vision = vision
+        self.vision = VisionEncoder(self.cfg).to(self.wte.weight.device)
+        self._initialise(self.vision)
+
+    def input_embeddings(self, idx, images: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's input before positions: token embeddings, with the images' projected vectors spliced in
+        at the `<|image|>` placeholders. A model with an image encoder checks every forward from the start of a
+        sequence for placeholders without images; decode steps (after a cache) take none."""
+        x = self.wte(idx)
+        if self.vision is not None:
+            x = splice_images(x, idx, None if images is None else self.vision(images), self.cfg.vision.image_token)
+        elif images is not None:
+            raise GptstackError("this model takes no images (it has no image encoder)")
+        return x
+
+    def hidden(self, idx, *, cache: KVCache | None = None, positions=None, attn_mask=None, images=None):
+        """Final hidden states h_n, shape (B, T, n_embd). `images` (N, 3, S, S): the pictures whose vectors
+        replace the `<|image|>` placeholders of idx, in reading order."""
         B, T = idx.shape
         start = cache.len if cache is not None else 0
         if positions is None:
             if start + T > self.cfg.n_ctx:
                 raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.n_ctx}")
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx)
+        x = self.input_embeddings(idx, images) if images is not None or start == 0 else self.wte(idx)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -262,9 +389,9 @@ class GPT(nn.Module):
             return self.lm_head(h)
         return F.linear(h, self.wte.weight)  # tied output: softmax(h_n · We^T)
 
-    def sequence_logprobs(self, ids, temperature: float = 1.0):
+    def sequence_logprobs(self, ids, temperature: float = 1.0, images=None):
         """log P(ids[:, t] | ids[:, <t]) for t = 1..L-1 under softmax(logits / temperature): (B, L-1)."""
-        return token_logprobs(self.logits(self.hidden(ids))[:, :-1], ids[:, 1:], temperature)
+        return token_logprobs(self.logits(self.hidden(ids, images=images))[:, :-1], ids[:, 1:], temperature)
 
     def forward(self, idx, targets=None, **kw):
         """(logits, loss). Targets of -100 are ignored (prompt tokens in SFT, padding)."""
@@ -288,7 +415,8 @@ class GPT(nn.Module):
     # -------------------------------------------------------------- accounting
 
     def num_params(self, embeddings: bool = True) -> int:
-        """All parameters, or (Kaplan et al.'s N) without the token and position embeddings and the output matrix."""
+        """All parameters, or (Kaplan et al.'s N) without the token and position embeddings and the output matrix
+        (the image encoder counted in both)."""
         n = sum(p.numel() for p in self.parameters())
         if embeddings:
             return n

@@ -28,6 +28,7 @@ SPECIAL_TOKENS = [
     "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",  # chat turns
     "<|image|>",  # GPT-4-style image placeholder
 ]
+IMAGE = "<|image|>"  # an image's place in the text: as many of these ids as the model's encoder gives it vectors
 TEMPLATE_FILE = "chat_template.json"  # an imported model's template, beside its tokenizer.json
 
 
@@ -145,15 +146,38 @@ class Tokenizer:
     # so a message cannot forge a turn. For generation the ids end with an open assistant prefix, and the
     # model's stop token (<|end|>, <|im_end|>) closes its turn.
 
-    def render_chat(self, messages: list[dict], for_generation: bool = False) -> tuple[list[int], list[bool]]:
+    @property
+    def image_id(self) -> int:
+        if IMAGE not in self.special:
+            raise GptstackError(f"the tokenizer has no {IMAGE} token (a model with image input adds it)")
+        return self.special[IMAGE]
+
+    def content_ids(self, message: dict, image_tokens: int = 0) -> list[int]:
+        """A message's content as ids: text as text; in a list of parts (OpenAI's form), each
+        {"type": "image", ...} part as `image_tokens` <|image|> placeholders, where the model splices the image in."""
+        if isinstance(message["content"], str):
+            return self.encode(self.template.content(message))
+        ids = []
+        for part in message["content"]:
+            if part["type"] == "text":
+                ids += self.encode(part["text"])
+            elif not image_tokens:
+                raise GptstackError("the conversation holds an image, but the model takes no images")
+            else:
+                ids += [self.image_id] * image_tokens
+        return ids
+
+    def render_chat(self, messages: list[dict], for_generation: bool = False,
+                    image_tokens: int = 0) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation and, for training, which of them are the assistant's to learn
-        (its content and the stop token that closes it; never the template's other text)."""
+        (its content and the stop token that closes it; never the template's other text). `image_tokens`: the
+        placeholders each image part becomes (the model's `vision.tokens`)."""
         t = self.template
         ids = self.markup(t.begin)
         learn = [False] * len(ids)
         for m in t.turns(messages):
             role = m["role"]
-            head, body, tail = self.markup(t.prefix[role]), self.encode(t.content(m)), self.markup(t.suffix[role])
+            head, body, tail = self.markup(t.prefix[role]), self.content_ids(m, image_tokens), self.markup(t.suffix[role])
             closed = tail.index(self.end) + 1 if self.end in tail else len(tail)
             ids += head + body + tail
             learn += [False] * len(head) + [role == "assistant"] * (len(body) + closed) + [False] * (len(tail) - closed)
@@ -163,14 +187,28 @@ class Tokenizer:
             learn += [False] * len(opening)
         return ids, learn
 
-    def render_prompts(self, conversations: list[list[dict]], n_ctx: int, max_new_tokens: int) -> list[list[int]]:
+    def render_prompts(self, conversations: list[list[dict]], n_ctx: int, max_new_tokens: int,
+                       image_tokens: int = 0) -> list[list[int]]:
         """Each conversation rendered with an open assistant turn; one too long for the context keeps its
-        end (the request and the open turn), leaving room for the answer."""
+        end (the request and the open turn), leaving room for the answer. A conversation with images must fit
+        whole (a cut would split an image's placeholders)."""
         budget = n_ctx - min(max_new_tokens, n_ctx // 2)
-        return [self.render_chat(c, for_generation=True)[0][-budget:] for c in conversations]
+        out = []
+        for c in conversations:
+            ids = self.render_chat(c, for_generation=True, image_tokens=image_tokens)[0]
+            if len(ids) > budget and conversation_images(c):
+                raise GptstackError(f"a conversation with images is {len(ids)} tokens; {budget} fit before the answer")
+            out.append(ids[-budget:])
+        return out
 
 
 def chat_messages(user: str, system: str | None = None, answer: str | None = None) -> list[dict]:
     """The turns of one exchange: the system message if any, the user's request, and the answer if given."""
     return (([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
             + ([{"role": "assistant", "content": answer}] if answer is not None else []))
+
+
+def conversation_images(messages: list[dict]) -> list:
+    """The images of a conversation's image parts, in order (what its placeholders stand for)."""
+    return [part["image"] for m in messages if not isinstance(m["content"], str)
+            for part in m["content"] if part["type"] == "image"]

@@ -72,6 +72,9 @@ def export_model(folder, to: str, out, dtype: str = "f16") -> Path:
     """`gptstack export`: a gptstack model folder as a Hugging Face folder or a GGUF file."""
     model, tok = load_model(folder), Tokenizer.load(find_tokenizer(folder))
     out = Path(out)
+    if model.vision is not None:  # neither GPT2LMHeadModel, LlamaForCausalLM nor a llama GGUF has an image encoder
+        raise GptstackError(f"{folder}: a model with image input cannot be exported (its encoder and projector have "
+                            "no place in a Hugging Face GPT-2/Llama folder or a GGUF file)")
     if to == "hf":
         from .hf import write_hf
         write_hf(model, tok, out)

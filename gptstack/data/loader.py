@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import GptstackError
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, conversation_images
 from .tokens import TokenSplits
 
 
@@ -77,26 +77,51 @@ def right_pad(rows: list[list[int]], pad: int, length: int | None = None) -> tor
 
 
 class Demonstrations:
-    """Rendered conversations as (ids, learn-mask) pairs, batched right-padded with -100 targets."""
+    """Rendered conversations as (ids, learn-mask) pairs, batched right-padded with -100 targets. Conversations
+    with image parts (the images as (3, S, S) uint8 tensors) need `image_tokens`, the model's placeholders per
+    image; their batches also carry `images` (B, most images in a row, 3, S, S) and `image_count` (B,)."""
 
-    def __init__(self, conversations: list[list[dict]], tok: Tokenizer, n_ctx: int):
-        self.examples, self.truncated = [], 0
+    def __init__(self, conversations: list[list[dict]], tok: Tokenizer, n_ctx: int, image_tokens: int = 0):
+        self.examples, self.images, self.truncated = [], [], 0
         for conv in conversations:
-            ids, learn = tok.render_chat(conv)
+            ids, learn = tok.render_chat(conv, image_tokens=image_tokens)
+            images = conversation_images(conv)
             if len(ids) > n_ctx:  # keep the end: the answer SFT learns is there
+                if images:
+                    raise GptstackError(f"a conversation with images is {len(ids)} tokens, over the context of {n_ctx}")
                 ids, learn = ids[-n_ctx:], learn[-n_ctx:]
                 self.truncated += 1
             self.examples.append((ids, learn))
+            self.images.append(images)
         self.pad = tok.pad
 
     def __len__(self):
         return len(self.examples)
 
     def batch(self, indices) -> dict:
+        indices = list(indices)
         ex = [self.examples[i] for i in indices]
         # target t+1 is learned when it is the assistant's
         targets = [[t if keep else -100 for t, keep in zip(ids[1:], learn[1:])] for ids, learn in ex]
-        return {"input": right_pad([ids[:-1] for ids, _ in ex], self.pad), "target": right_pad(targets, -100)}
+        out = {"input": right_pad([ids[:-1] for ids, _ in ex], self.pad), "target": right_pad(targets, -100)}
+        rows = [self.images[i] for i in indices]
+        most = max(map(len, rows))
+        if most:  # one row per example (so any slice of the batch keeps its images), padded with blank images
+            shape = next(r[0] for r in rows if r).shape
+            out["images"] = torch.zeros(len(rows), most, *shape, dtype=torch.uint8)
+            for i, r in enumerate(rows):
+                if r:
+                    out["images"][i, :len(r)] = torch.stack(r)
+            out["image_count"] = torch.tensor([len(r) for r in rows])
+        return out
+
+
+def batch_images(batch: dict) -> torch.Tensor | None:
+    """A batch's images in reading order, (N, 3, S, S), as the model's `images` takes them (None: no images)."""
+    if "images" not in batch:
+        return None
+    images, count = batch["images"], batch["image_count"]
+    return images[torch.arange(images.size(1), device=count.device)[None, :] < count[:, None]]
 
 
 def epoch_indices(seed: int, step: int, n: int, size: int) -> list[int]:

@@ -41,13 +41,55 @@ class TextPart(Strict):
     text: str
 
 
+class ImageURL(Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class Message(Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart | ImagePart]
     name: str | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+    def chat_message(self, index: int, image_size: int) -> dict:
+        """The message as the chat template takes it: its text, or its parts with each picture decoded from its
+        data: URL and scaled to the model's `image_size` (0: the model takes no images, so a picture is a 400)."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        parts = []
+        for j, p in enumerate(self.content):
+            if p.type == "text":
+                parts.append({"type": "text", "text": p.text})
+                continue
+            param = f"messages.{index}.content.{j}.image_url"
+            if not image_size:
+                raise APIError(400, "This model takes no images.", param, "image_not_supported")
+            parts.append({"type": "image", "image": data_url_image(p.image_url.url, image_size, param)})
+        return {"role": self.role, "content": parts}
+
+
+def data_url_image(url: str, image_size: int, param: str):
+    """A `data:image/...;base64,...` URL's picture as the model's (3, S, S) tensor. Nothing is fetched: any
+    other URL, or bytes that are no picture, is a 400."""
+    import base64
+    import binascii
+
+    from ..errors import GptstackError
+    from ..images import read_image
+    head, comma, body = url.partition(",")
+    if not (url.startswith("data:image/") and head.endswith(";base64") and comma):
+        raise APIError(400, "Only base64 data: URLs (data:image/png;base64,...) are accepted for images; this server "
+                            "fetches nothing.", param, "invalid_image_url")
+    try:
+        raw = base64.b64decode(body, validate=True)
+        return read_image(raw, image_size, "the image")
+    except (binascii.Error, GptstackError) as e:
+        raise APIError(400, f"The image could not be read: {e}", param, "invalid_image") from None
 
 
 class StreamOptions(Strict):
@@ -144,13 +186,13 @@ class Run:
     order the engine sampled them, then (choice, None) when that choice has ended."""
 
     def __init__(self, worker, prompt: list[int], req: Sampling, max_tokens: int, stop_ids: tuple[int, ...],
-                 top_logprobs: int, tok):
+                 top_logprobs: int, tok, images=None):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.id, self.created, self.prompt = secrets.token_hex(12), int(time.time()), prompt
         seed = req.seed if req.seed is not None else secrets.randbits(62)
         self.seqs = [Sequence(prompt, max_tokens, req.temperature, 0, req.top_p, row_seed(seed, i), stop_ids, req.stops(),
-                              top_logprobs) for i in range(req.n)]
+                              top_logprobs, images=images) for i in range(req.n)]
         for i, s in enumerate(self.seqs):
             s.on_token = lambda token, i=i: self._post((i, token))
         self.texts = [TextStream(tok, req.stops()) for _ in self.seqs]

@@ -3,7 +3,8 @@
     GET  /health               the engine's state: slots, running and waiting sequences, decode steps, cache size
     GET  /v1/models            the one model served
     POST /v1/completions       text in, text out
-    POST /v1/chat/completions  messages through the model's chat template
+    POST /v1/chat/completions  messages through the model's chat template; a model with image input also takes
+                               `image_url` parts holding base64 data: URLs (nothing is fetched)
     GET  /                     the chat page (gptstack/serve/static: no CDN, works offline)
 
 Requests' sequences join the engine's running batch between decode steps and leave it when they end or their
@@ -17,6 +18,7 @@ import secrets
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, StreamingResponse
@@ -24,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from ..generate import Engine
+from ..tokenizer import conversation_images
 from .api import (MAX_BODY, APIError, ChatRequest, CompletionRequest, Run, Sampling, chat_logprobs, completion_logprobs,
                   shown_tokens, validation_error)
 from .worker import Worker
@@ -62,7 +65,7 @@ class Server:
         self.worker = Worker(Engine(model, max_batch, tok.pad, lambda ids: tok.decode(ids, skip_special=True)))
 
     def start(self, req: Sampling, prompt: list[int], max_tokens: int | None, param: str, stop_ids: tuple[int, ...],
-              top_logprobs: int = 0) -> Run:
+              top_logprobs: int = 0, images=None) -> Run:
         if req.model != self.model_id:
             raise APIError(404, f"The model `{req.model}` does not exist; this server has `{self.model_id}`.", "model",
                            "model_not_found")
@@ -73,7 +76,7 @@ class Server:
                                 f"{len(prompt) + max_tokens} tokens ({len(prompt)} in the {param}, {max_tokens} in the "
                                 f"completion). Please reduce the length of the {param} or completion.", param,
                            "context_length_exceeded")
-        return Run(self.worker, prompt, req, max_tokens, stop_ids, top_logprobs, self.tok)
+        return Run(self.worker, prompt, req, max_tokens, stop_ids, top_logprobs, self.tok, images)
 
 
 def sse(chunks) -> StreamingResponse:
@@ -130,10 +133,13 @@ def create_app(model, tok, model_id: str, api_key: str | None = None, max_batch:
     async def chat_completions(req: ChatRequest, request: Request):
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs to be true.", "top_logprobs", "invalid_value")
-        prompt = tok.render_chat([{"role": m.role, "content": m.text()} for m in req.messages], for_generation=True)[0]
+        vision = model.cfg.vision
+        messages = [m.chat_message(i, vision.image_size) for i, m in enumerate(req.messages)]
+        prompt = tok.render_chat(messages, for_generation=True, image_tokens=vision.tokens if vision.image_size else 0)[0]
+        shown = conversation_images(messages)
         stop_ids = (tok.end, tok.eot)
         run = server.start(req, prompt, req.max_completion_tokens or req.max_tokens, "messages", stop_ids,
-                           req.top_logprobs or 0)
+                           req.top_logprobs or 0, torch.stack(shown) if shown else None)
         head = {"id": f"chatcmpl-{run.id}", "created": run.created, "model": model_id, "system_fingerprint": None}
         lp = (lambda i, a, b: chat_logprobs(tok, run.seqs[i].out, a, b)) if req.logprobs else None
         if req.stream:

@@ -1,5 +1,6 @@
 """Supervised fine-tuning on demonstrations (InstructGPT step 1): next-token loss on the assistant's tokens
-only, through the chat template. The stage (stages/sft.py) says where demonstrations come from and how a
+only, through the chat template. Demonstrations with images (the vision stage: LLaVA's two stages are this
+loss on captions and on questions) pass their images to the model, which splices them in. The stage (stages/sft.py) says where demonstrations come from and how a
 checkpoint is chosen; this is the objective."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from ..data.loader import Demonstrations, epoch_indices
+from ..data.loader import Demonstrations, batch_images, epoch_indices
 
 
 class SFTObjective:
@@ -26,7 +27,7 @@ class SFTObjective:
         return int((micro["target"] != -100).sum())
 
     def loss(self, model, micro: dict):
-        _, loss = model(micro["input"], micro["target"])
+        _, loss = model(micro["input"], micro["target"], images=batch_images(micro))
         return loss, {"tokens": int((micro["input"] != self.train.pad).sum())}
 
     @torch.no_grad()
@@ -48,5 +49,5 @@ def demonstrations_loss(model, data: Demonstrations, batch_size: int = 64) -> fl
     for start in range(0, len(data), batch_size):
         b = {k: v.to(device) for k, v in data.batch(range(start, min(start + batch_size, len(data)))).items()}
         n = int((b["target"] != -100).sum())
-        total, count = total + model(b["input"], b["target"])[1].item() * n, count + n
+        total, count = total + model(b["input"], b["target"], images=batch_images(b))[1].item() * n, count + n
     return total / max(count, 1)
