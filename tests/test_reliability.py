@@ -44,7 +44,7 @@ def _fit(out, tok_pad=0):
         pad = tok_pad
 
         @staticmethod
-        def render_chat(conv):
+        def render_chat(conv, image_tokens=0):
             ids = [1 + len(m["content"]) % 50 for m in conv] * 3
             return ids, [i % 2 == 0 for i in range(len(ids))]
 
