@@ -158,6 +158,39 @@ def cmd_import(args):
           f"{info['vocab_size']} tokens, chat template: {info['chat_template']} (turns end with {info['stop']})")
 
 
+def cmd_extend(args):
+    import dataclasses
+    import shutil
+    from .checkpoint import find_tokenizer, load_model, save_state_dict
+    from .data.sources import iter_documents
+    from .evals.long_context import Haystacks
+    from .extend import extend
+    from .tokenizer import TEMPLATE_FILE, Tokenizer
+    from .train.long_context import finetune_at_length
+    model = load_model(args.model, "auto")
+    longer = extend(model, args.ctx, args.method)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = find_tokenizer(args.model)
+    for f in (tok_path, tok_path.parent / TEMPLATE_FILE):  # the model folder stays self-contained
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    if args.steps:
+        cfg = _resolve(args)
+        tok = Tokenizer.load(tok_path)
+        haystacks = Haystacks.from_documents(tok, (d for s in cfg.data.sources for d in iter_documents(s)), cfg.data.val_fraction)
+        lc = cfg.long_context
+        train = dataclasses.replace(lc.train, steps=args.steps)
+        longer, _ = finetune_at_length(longer, tok, cfg.data, haystacks, args.ctx, train, out, lc.retrieval_fraction,
+                                       lc.dev_probes, "extend")
+    else:
+        save_state_dict(longer.state_dict(), out / "model.safetensors", longer.metadata())
+    s = longer.cfg.rope_scaling
+    how = f", rope_scaling {s.type} x{s.factor:g} of {s.original_ctx}" if s.type != "none" else ""
+    print(f"{out}: window {model.cfg.n_ctx} -> {longer.cfg.n_ctx} tokens by {args.method}{how}"
+          + (f", fine-tuned {args.steps} steps" if args.steps else ""))
+
+
 def cmd_export(args):
     from .convert import export_model
     print(f"{export_model(args.model, args.to, args.out, args.dtype)}: written ({args.to})")
@@ -394,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--out", required=True, help="the model folder to write (model.safetensors, tokenizer.json, chat_template.json)")
     p.set_defaults(func=cmd_import)
+    from .extend import LEARNED_METHODS, ROPE_METHODS
+    p = sub.add_parser("extend", help="a longer context window for a trained model (position interpolation, RoPE scaling)",
+                       epilog="learned positions: interpolate (rows resampled so new position j reads old j·T/T') or tile "
+                              "(rows copied end to end). rotary: linear, ntk, yarn (saved as model.rope_scaling, applied at "
+                              "inference without fine-tuning) or none (longer window, positions unscaled). --steps N then "
+                              "fine-tunes N steps at the new length on corpus windows mixed with passkey/needle examples "
+                              "(settings: long_context.train.*, long_context.retrieval_fraction; the checkpoint kept is "
+                              "the best on dev retrieval).\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="RUN/STAGE or model folder")
+    p.add_argument("--ctx", required=True, type=number(int, 1), help="the new window, in tokens")
+    p.add_argument("--method", required=True, choices=[*LEARNED_METHODS, *ROPE_METHODS], help="how positions are extended")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--steps", type=number(int, 0), default=0, help="fine-tuning steps at the new length (default 0: none)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_extend)
     p = sub.add_parser("export", help="a gptstack model folder as a Hugging Face folder or a GGUF file")
     p.add_argument("model", help="RUN/STAGE or model folder")
     p.add_argument("--to", required=True, choices=["hf", "gguf"], help="hf: a folder transformers loads; gguf: a file llama.cpp reads")
