@@ -11,11 +11,13 @@ lines kept); the last line printed is the summary. Test-split probes only: nothi
     python benchmarks/long_context.py cost --model runs/lc/long_context --lengths 256,512,1024 --out cost_tiny.jsonl
     python benchmarks/long_context.py retrieval --model runs/smol --ctx 32768 --methods none,linear,ntk,yarn \
         --lengths 8192,16384 --depths 0.5 --tasks passkey --out smol.jsonl
+    python benchmarks/long_context.py table smol.jsonl      # the markdown tables of README's long-context section
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -53,7 +55,29 @@ def measure(model, tok, probe, prefill_chunk: int) -> dict:
             "right": answer == probe.answer}
 
 
+def tables(path: str) -> None:
+    """Markdown: retrieval (right or wrong per method, task, length, depth) and cost (per length) from the lines."""
+    rows = [json.loads(line) for line in open(path)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cells = {(r["method"], r["task"], r["length"], r["depth"]): r["right"] for r in rows}
+    keys = sorted({(t, L, d) for _, t, L, d in cells})
+    print("| task | length | depth | " + " | ".join(methods) + " |\n|---|---|---|" + "---|" * len(methods))
+    for t, L, d in keys:
+        marks = [{True: "right", False: "wrong", None: ""}[cells.get((m, t, L, d))] for m in methods]
+        print(f"| {t} | {L:,} | {d:.0%} | " + " | ".join(marks) + " |")
+    print("\n| prompt tokens | prefill CPU s | prefill tokens/CPU-s | decode tokens/CPU-s | KV cache MiB | peak RSS MiB |\n|---|---|---|---|---|---|")
+    seen = set()
+    for r in sorted(rows, key=lambda r: r["length"]):
+        if r["length"] in seen or "prefill_cpu_s" not in r:
+            continue
+        seen.add(r["length"])
+        print(f"| {r['prompt_tokens']:,} | {r['prefill_cpu_s']:.1f} | {r['prefill_tok_per_cpu_s']:,.0f} | "
+              f"{r['decode_tok_per_cpu_s']:.1f} | {r['kv_cache_mb']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+
+
 def main():
+    if sys.argv[1:2] == ["table"]:
+        return tables(sys.argv[2])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["cost", "retrieval"])
     p.add_argument("--model", required=True, help="RUN/STAGE or model folder")
