@@ -197,3 +197,27 @@ def test_fine_tuning_batch_scores_the_answer_alone_in_retrieval_rows(tok):
         answer = batch["target"][r, scored].tolist()
         assert tok.decode(answer).strip().isdigit() and len(answer) == len(scored)
         assert torch.equal(batch["input"][r, scored[0] + 1:scored[-1] + 1], batch["target"][r, scored[:-1]])  # shifted by one
+
+
+@pytest.mark.slow
+def test_long_context_stage_writes_its_grids_keys_and_heat_maps(corpus, tmp_path):
+    import json
+    from conftest import TINY, run_cli
+    run = tmp_path / "run"
+    steps = ["long_context.retrieval_train.steps=4", "long_context.train.steps=4", "long_context.test_probes=1",
+             "long_context.dev_probes=1", "long_context.train.batch_size=2", "long_context.retrieval_train.batch_size=2",
+             "long_context.train.eval_tokens=1024", "long_context.retrieval_train.eval_tokens=1024"]
+    proc = run_cli("pipeline", "--out", run, "--data", corpus, "--stages", "tokenizer,pretrain,long_context", *TINY,
+                   "model.n_ctx=256", "pretrain.steps=10", *steps, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((run / "report.json").read_text())["long_context"]
+    assert (r["trained_ctx"], r["extended_ctx"], r["method"]) == (256, 1024, "interpolate")
+    for task in ("passkey", "needle"):
+        for when in ("trained", "before", "after"):
+            grid = r[task][when]
+            assert list(grid) == ["256", "512", "1024", "2048"] and all(list(row) == ["0", "25", "50", "75", "100"] for row in grid.values())
+            assert all(v is None for v in grid["2048"].values())  # past the extended window
+            assert all(v is None for v in grid["512"].values()) == (when == "trained")  # past the trained window
+            assert all(0 <= v <= 1 for v in grid["256"].values())
+        assert (run / "plots" / f"long_context_{task}.png").is_file()
+    assert load_model(run / "long_context").cfg.n_ctx == 1024

@@ -96,6 +96,18 @@ class Haystacks:
 
 def make_probe(task: str, tok, length: int, depth: float, split: str, i: int, seed: int = 0,
                haystacks: Haystacks | None = None) -> Probe:
+    before, filler, fact, question, answer_ids, number = _parts(task, tok, length, split, i, seed, depth, haystacks)
+    return Probe(_place(before, filler, fact, question, answer_ids, length, depth), number, answer_ids, length, depth)
+
+
+def shortest_probe(task: str, tok, haystacks: Haystacks | None = None) -> int:
+    """About the fewest tokens a probe can have: its intro, fact, question and answer with no filler (a few tokens
+    spare, as keys tokenize to different lengths)."""
+    before, _, fact, question, answer_ids, _ = _parts(task, tok, 0, "dev", 0, 0, 0.0, haystacks)
+    return len(before) + len(fact) + len(question) + len(answer_ids) + 4
+
+
+def _parts(task, tok, length, split, i, seed, depth, haystacks):
     rng = _rng(split, task, length, depth, i, seed)
     number = str(rng.randrange(10_000, 100_000))
     answer_ids = tok.encode(" " + number)
@@ -108,13 +120,12 @@ def make_probe(task: str, tok, length: int, depth: float, split: str, i: int, se
     elif task == "needle":
         word = rng.choice(NEEDLE_WORDS)
         before = []
-        filler = [[t] for t in haystacks.window(split, length, rng)]
+        filler = [[t] for t in haystacks.window(split, length, rng)] if length else []
         fact = tok.encode(f"\nThe special magic number for {word} is {number}.\n")
         question = tok.encode(f"\nWhat is the special magic number for {word}? The special magic number for {word} is")
     else:
         raise ValueError(f"unknown long-context task {task!r} (known: {', '.join(TASKS)})")
-    prompt = _place(before, filler, fact, question, answer_ids, length, depth)
-    return Probe(prompt, number, answer_ids, length, depth)
+    return before, filler, fact, question, answer_ids, number
 
 
 def first_number(text: str) -> str | None:
@@ -136,13 +147,17 @@ def answer_probes(model: GPT, tok, probes: list[Probe], batch_size: int = 16, pr
 def retrieval_grid(model: GPT, tok, task: str, lengths, depths=DEPTHS, n: int = 10, split: str = "test", seed: int = 0,
                    haystacks: Haystacks | None = None, batch_size: int = 16, prefill_chunk: int = 0,
                    progress=None) -> dict[str, dict[str, float | None]]:
-    """{length: {depth: accuracy over n probes}}; a length past the model's window is None (not run)."""
+    """{length: {depth: accuracy over n probes}}; a length past the model's window, or too short to hold a probe's
+    intro, fact and question, is None (not run)."""
     grid: dict[str, dict[str, float | None]] = {}
     for length in lengths:
-        if length > model.cfg.n_ctx:
+        try:
+            if length > model.cfg.n_ctx:
+                raise ValueError(f"{length} tokens: past the window")
+            probes = [make_probe(task, tok, length, d, split, i, seed, haystacks) for d in depths for i in range(n)]
+        except ValueError:
             grid[str(length)] = {depth_key(d): None for d in depths}
             continue
-        probes = [make_probe(task, tok, length, d, split, i, seed, haystacks) for d in depths for i in range(n)]
         right = answer_probes(model, tok, probes, batch_size, prefill_chunk)
         grid[str(length)] = {depth_key(d): sum(right[j * n:(j + 1) * n]) / n for j, d in enumerate(depths)}
         if progress is not None:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ..checkpoint import load_model
 from ..data.loader import TokenSampler, build_sampler
 from ..evals.lm import windows_loss
-from ..evals.long_context import TASKS, Haystacks, answer_probes, make_probe
+from ..errors import GptstackError
+from ..evals.long_context import TASKS, Haystacks, answer_probes, make_probe, shortest_probe
 from .trainer import TrainConfig, Trainer
 
 
@@ -23,7 +24,11 @@ class LongContextObjective:
                  retrieval_fraction: float, min_length: int, dev_probes: int = 4, seed: int = 0):
         self.sampler, self.tok, self.haystacks = sampler, tok, haystacks
         self._flops, self.eval_tokens = flops_per_token, eval_tokens
-        self.retrieval_fraction, self.min_length = retrieval_fraction, min_length
+        shortest = max(shortest_probe(task, tok, haystacks) for task in TASKS)
+        if shortest > sampler.seq_len:
+            raise GptstackError(f"a {sampler.seq_len}-token window cannot hold a retrieval example ({shortest} tokens "
+                                "with no filler): extend and fine-tune a model with a longer window")
+        self.retrieval_fraction, self.min_length = retrieval_fraction, max(min_length, shortest)
         self.dev_probes, self.seed = dev_probes, seed
 
     def train_batch(self, step: int, n: int) -> dict:
@@ -88,7 +93,7 @@ def finetune_at_length(model, tok, data_cfg, haystacks: Haystacks, seq_len: int,
     train = dataclasses.replace(train, seq_len=seq_len)
     sampler = build_sampler(data_cfg, tok, seq_len, train.seed)
     objective = LongContextObjective(sampler, tok, haystacks, model.flops_per_token(seq_len), train.eval_tokens,
-                                     retrieval_fraction, min_length=max(seq_len // 4, 128), dev_probes=dev_probes,
+                                     retrieval_fraction, min_length=seq_len // 4, dev_probes=dev_probes,
                                      seed=train.seed)
     summary = Trainer(train, model, objective, out, metadata=model.metadata(), desc=desc).fit()
     return load_model(out, "auto"), summary
