@@ -47,13 +47,17 @@ def _rng(split: str, task: str, length: int, depth: float, i: int, seed: int) ->
     return random.Random(int(hashlib.sha256(key.encode()).hexdigest()[:16], 16))
 
 
+class ProbeDoesNotFit(ValueError):
+    """A length too short for a probe's intro, fact, question and answer."""
+
+
 def _place(before: list[int], filler: list[list[int]], fact: list[int], question: list[int], answer_ids: list[int],
            length: int, depth: float) -> list[int]:
     """before + as many filler pieces as fit (the prompt and its answer in `length` tokens), `fact` after `depth` of
     them: pieces are sentences (passkey) or tokens (needle), so the fact never splits a sentence."""
     room = length - len(before) - len(fact) - len(question) - len(answer_ids)
     if room < 0:
-        raise ValueError(f"a {length}-token probe cannot hold its intro, fact and question ({length - room} tokens)")
+        raise ProbeDoesNotFit(f"a {length}-token probe cannot hold its intro, fact and question ({length - room} tokens)")
     used, pieces = 0, []
     for piece in filler:
         if used + len(piece) > room:
@@ -153,9 +157,9 @@ def retrieval_grid(model: GPT, tok, task: str, lengths, depths=DEPTHS, n: int = 
     for length in lengths:
         try:
             if length > model.cfg.n_ctx:
-                raise ValueError(f"{length} tokens: past the window")
+                raise ProbeDoesNotFit(f"{length} tokens: past the window")
             probes = [make_probe(task, tok, length, d, split, i, seed, haystacks) for d in depths for i in range(n)]
-        except ValueError:
+        except ProbeDoesNotFit:
             grid[str(length)] = {depth_key(d): None for d in depths}
             continue
         right = answer_probes(model, tok, probes, batch_size, prefill_chunk)

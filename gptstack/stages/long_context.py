@@ -21,6 +21,7 @@ from pathlib import Path
 from ..checkpoint import load_model, save_state_dict
 from ..config import at_least
 from ..data.sources import iter_documents
+from ..errors import GptstackError
 from ..evals.long_context import DEPTHS, TASKS, Haystacks, heat_map, retrieval_grid
 from ..extend import LEARNED_METHODS, ROPE_METHODS, extend
 from ..train.long_context import finetune_at_length
@@ -70,6 +71,10 @@ def run(ctx: Context) -> dict:
     trained = model.cfg.n_ctx
     method = lc.method if lc.method != "auto" else ("interpolate" if model.cfg.positions == "learned" else "yarn")
     haystacks = Haystacks.from_documents(tok, (d for src in cfg.data.sources for d in iter_documents(src)), cfg.data.val_fraction)
+    for split, ids in haystacks.ids.items():
+        if len(ids) < trained * lc.factor:
+            raise GptstackError(f"long_context: {len(ids):,} tokens of {split} text for the needle's haystacks, fewer than the "
+                                f"longest probe; add data or raise data.val_fraction")
     lengths = [m * trained for m in lc.lengths]
 
     def grid(m, name):
