@@ -236,6 +236,34 @@ def cmd_eval_prompting(args):
     print(json.dumps(results if len(results) > 1 else next(iter(results.values())), indent=1))
 
 
+def cmd_eval_long_context(args):
+    from .checkpoint import find_tokenizer, load_model
+    from .data.sources import iter_documents
+    from .evals.long_context import TASKS, Haystacks, heat_map, retrieval_grid
+    from .tokenizer import Tokenizer
+    model = load_model(args.model, "auto")
+    tok = Tokenizer.load(find_tokenizer(args.model))
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        depths = [float(x) / 100 for x in args.depths.split(",")]
+    except ValueError:
+        raise GptstackError(f"--lengths '{args.lengths}' / --depths '{args.depths}': expected comma-separated numbers") from None
+    tasks = args.task.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise GptstackError(f"--task: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    haystacks = None
+    if "needle" in tasks:
+        cfg = _resolve(args)
+        haystacks = Haystacks.from_documents(tok, (d for s in cfg.data.sources for d in iter_documents(s)), cfg.data.val_fraction)
+    grids = {t: retrieval_grid(model, tok, t, lengths, depths, args.probes, "test", prefill_chunk=args.prefill_chunk,
+                               haystacks=haystacks, progress=lambda t, L, row: print(f"{t} {L}: {row}", file=sys.stderr))
+             for t in tasks}
+    if args.plot:
+        heat_map(grids, Path(args.plot), f"{args.model}: retrieval accuracy (test probes)")
+    print(json.dumps(grids, indent=1))
+
+
 def cmd_tokenizer(args):
     from .tokenizer import Tokenizer
     if args.action == "train":
@@ -389,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="which few-shot examples each query gets")
     e.add_argument("--plot", help="write the accuracy-against-K plot here (PNG)")
     e.set_defaults(func=cmd_eval_prompting)
+
+    e = esub.add_parser("long-context", help="passkey and needle retrieval over prompt lengths x depths (test probes)",
+                        epilog="The needle's haystacks are held-out documents of the data sources (--data, default: the "
+                               "stdlib corpus). A length past the model's window is not run (null). See "
+                               "gptstack/evals/long_context.py.\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--model", required=True, help="RUN/STAGE or model folder")
+    e.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, e.g. 256,512,1024")
+    e.add_argument("--depths", default="0,25,50,75,100", help="comma-separated depths of the fact, in percent")
+    e.add_argument("--task", default="passkey,needle", help="passkey, needle or both (default: both)")
+    e.add_argument("--probes", type=number(int, 1), default=10, help="test probes per cell (default: 10)")
+    e.add_argument("--prefill-chunk", type=number(int, 0), default=2048, help="prompt tokens per prefill forward (0: at once)")
+    e.add_argument("--plot", help="write the heat map here (PNG)")
+    _add_config_args(e)
+    e.set_defaults(func=cmd_eval_long_context)
 
     p = sub.add_parser("tokenizer", help="train / use a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -176,6 +176,8 @@ def test_extend_cli_writes_a_longer_model_folder_and_names_a_wrong_method(random
     assert torch.equal(model.wpe.weight[::256 // base.cfg.n_ctx], base.wpe.weight)
     proc = run_cli("extend", "--model", random_model_dir, "--ctx", 256, "--method", "yarn", "--out", tmp_path / "x")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("extends by interpolate, tile")
+    proc = run_cli("eval", "long-context", "--model", out, "--lengths", "128", "--task", "passkey,haystack")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("unknown haystack (known: passkey, needle)")
 
 
 def test_fine_tuning_batch_scores_the_answer_alone_in_retrieval_rows(tok):

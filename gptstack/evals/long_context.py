@@ -195,6 +195,6 @@ def heat_map(grids: dict[str, dict[str, dict[str, float | None]]], path: Path, t
         ax.set_xlabel("depth of the fact")
         ax.set_ylabel("prompt length (tokens)")
         ax.set_title(name)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    fig.colorbar(im, ax=axes[0, -1], shrink=0.8, label="accuracy")
     fig.suptitle(title)
     return plots.save(fig, path)
