@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "inference without fine-tuning) or none (longer window, positions unscaled). --steps N then "
                               "fine-tunes N steps at the new length on corpus windows mixed with passkey/needle examples "
                               "(settings: long_context.train.*, long_context.retrieval_fraction; the checkpoint kept is "
-                              "the best on dev retrieval).\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "the best on dev probes: the right answer's mean log-probability).\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="RUN/STAGE or model folder")
     p.add_argument("--ctx", required=True, type=number(int, 1), help="the new window, in tokens")
     p.add_argument("--method", required=True, choices=[*LEARNED_METHODS, *ROPE_METHODS], help="how positions are extended")

@@ -223,3 +223,20 @@ def test_long_context_stage_writes_its_grids_keys_and_heat_maps(corpus, tmp_path
             assert all(0 <= v <= 1 for v in grid["256"].values())
         assert (run / "plots" / f"long_context_{task}.png").is_file()
     assert load_model(run / "long_context").cfg.n_ctx == 1024
+
+
+def test_fine_tuning_eval_gives_accuracy_and_the_answers_log_probability_on_dev(tok):
+    import numpy as np
+    from gptstack.data.loader import TokenSampler
+    from gptstack.data.tokens import TokenSplits
+    from gptstack.train.long_context import LongContextObjective
+    ids = np.asarray(tok.encode("def f(x): return x + 1\n" * 400), dtype=np.uint16)
+    sampler = TokenSampler([TokenSplits("mem", ids, ids, 0, 0, 1, 0)], [1.0], 256, seed=0)
+    hay = Haystacks(tok, {s: ["x = 1\n" * 400] for s in ("train", "dev", "test")})
+    objective = LongContextObjective(sampler, tok, hay, 0.0, 512, retrieval_fraction=0.5, min_length=240, dev_probes=1)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, n_ctx=256, vocab_size=tok.vocab_size)).eval()
+    out = objective.evaluate(model)
+    assert out["dev_passkey"] == out["dev_needle"] == 0.0  # a random model retrieves nothing
+    # a random model spreads its probability: about log(1/V) per answer token
+    assert out["dev_answer_logprob"] == pytest.approx(-5 * math.log(tok.vocab_size), rel=0.3)

@@ -5,7 +5,8 @@ at the new length, with passkey and needle retrieval measured over lengths x dep
        on (retrieval_train; steps 0 skips it), so the model can retrieve inside its window and the test is of the
        extension, not of whether a small model can retrieve at all
     2. extend (gptstack/extend.py): interpolation for learned positions, YaRN for rotary ones (`method`)
-    3. fine-tune at the new window (train; at most a few hundred steps), the checkpoint chosen by dev retrieval
+    3. fine-tune at the new window (train; at most a few hundred steps), the checkpoint chosen on dev probes (the
+       right answer's mean log-probability)
     4. passkey and needle accuracy on test probes: the model at its trained window (`trained`), extended but not
        fine-tuned (`before`) and fine-tuned (`after`), at 1x, 2x, 4x and 8x the trained window and five depths
 
@@ -32,7 +33,7 @@ from .base import Context, Stage
 def _train(steps: int, lr: float) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=8, lr=lr, schedule="cosine", min_lr_ratio=0.1, warmup_steps=20,
                        weight_decay=0.0, log_every=10, eval_every=100, eval_tokens=16384, ckpt_every=100,
-                       keep_checkpoints=1, select_by="dev_retrieval")
+                       keep_checkpoints=1, select_by="dev_answer_logprob")
 
 
 @dataclass
@@ -114,7 +115,7 @@ def markdown(run: Path, r: dict) -> list[str]:
     s = r["long_context"]
     lines = ["## Long context (window extension, passkey and needle retrieval)", "",
              f"Trained window {s['trained_ctx']:,} tokens, extended to {s['extended_ctx']:,} by `{s['method']}`, then "
-             f"{s['finetune_steps']} fine-tuning steps at the new length (checkpoint chosen on dev retrieval). Accuracy on "
+             f"{s['finetune_steps']} fine-tuning steps at the new length (checkpoint chosen on dev probes). Accuracy on "
              f"{s['test_probes_per_cell']} **test** probes per cell; *trained*: the model at its own window "
              f"({s['retrieval_steps']} retrieval steps there first), *before*: extended, not fine-tuned, *after*: fine-tuned; "
              "— : past the model's window.", ""]
