@@ -30,8 +30,8 @@ from ..train.trainer import TrainConfig
 from .base import Context, Stage
 
 
-def _train(steps: int, lr: float) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=8, lr=lr, schedule="cosine", min_lr_ratio=0.1, warmup_steps=20,
+def _train(steps: int, lr: float, batch_size: int) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, schedule="cosine", min_lr_ratio=0.1, warmup_steps=20,
                        weight_decay=0.0, log_every=10, eval_every=100, eval_tokens=16384, ckpt_every=100,
                        keep_checkpoints=1, select_by="dev_answer_logprob")
 
@@ -40,12 +40,13 @@ def _train(steps: int, lr: float) -> TrainConfig:
 class LongContextConfig:
     factor: int = 4  # the new window is factor x the trained one
     method: str = "auto"  # auto: interpolate (learned positions) or yarn (rotary); or any of extend.py's methods
-    retrieval_fraction: float = 0.5  # share of each fine-tuning batch that is retrieval examples (the rest: corpus windows)
-    retrieval_train: TrainConfig = field(default_factory=lambda: _train(300, 3e-4))  # step 1, at the trained window
-    train: TrainConfig = field(default_factory=lambda: _train(300, 3e-4))  # step 3, at the new window
+    # the sizes of the measured tiny run (README), set by a 2-core CPU's hour, not tuned
+    retrieval_fraction: float = 0.75  # share of each fine-tuning batch that is retrieval examples (the rest: corpus windows)
+    retrieval_train: TrainConfig = field(default_factory=lambda: _train(450, 1e-3, 8))  # step 1, at the trained window
+    train: TrainConfig = field(default_factory=lambda: _train(100, 3e-4, 4))  # step 3, at the new window
     lengths: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # multiples of the trained window to test
     depths: list[float] = field(default_factory=lambda: list(DEPTHS))
-    test_probes: int = 20  # test probes per (task, length, depth) cell
+    test_probes: int = 10  # test probes per (task, length, depth) cell
     dev_probes: int = 4  # dev probes per (task, depth) at the full window, each eval of the fine-tunes
     prefill_chunk: int = 2048  # prompt tokens per prefill forward in the evals
 
