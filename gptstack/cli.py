@@ -257,9 +257,10 @@ def cmd_eval_long_context(args):
         cfg = _resolve(args)
         haystacks = Haystacks.from_documents(tok, (d for s in cfg.data.sources for d in iter_documents(s)), cfg.data.val_fraction)
     grids = {t: retrieval_grid(model, tok, t, lengths, depths, args.probes, "test", prefill_chunk=args.prefill_chunk,
-                               haystacks=haystacks, progress=lambda t, L, row: print(f"{t} {L}: {row}", file=sys.stderr))
+                               haystacks=haystacks, metric=args.metric,
+                               progress=lambda t, L, row: print(f"{t} {L}: {row}", file=sys.stderr))
              for t in tasks}
-    if args.plot:
+    if args.plot and args.metric == "accuracy":
         heat_map(grids, Path(args.plot), f"{args.model}: retrieval accuracy (test probes)")
     print(json.dumps(grids, indent=1))
 
@@ -428,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--task", default="passkey,needle", help="passkey, needle or both (default: both)")
     e.add_argument("--probes", type=number(int, 1), default=10, help="test probes per cell (default: 10)")
     e.add_argument("--prefill-chunk", type=number(int, 0), default=2048, help="prompt tokens per prefill forward (0: at once)")
-    e.add_argument("--plot", help="write the heat map here (PNG)")
+    e.add_argument("--metric", choices=["accuracy", "logprob"], default="accuracy",
+                   help="accuracy: greedy answers right; logprob: the right answer's mean log-probability (no heat map)")
+    e.add_argument("--plot", help="write the heat map here (PNG; accuracy)")
     _add_config_args(e)
     e.set_defaults(func=cmd_eval_long_context)
 

@@ -19,8 +19,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..generate import generate
-from ..model import GPT
+from ..model import GPT, token_logprobs
 
 SPLITS = ("train", "dev", "test")
 TASKS = ("passkey", "needle")
@@ -148,11 +150,23 @@ def answer_probes(model: GPT, tok, probes: list[Probe], batch_size: int = 16, pr
     return right
 
 
+@torch.no_grad()
+def answer_logprobs(model: GPT, probes: list[Probe]) -> list[float]:
+    """log P(the right answer | the prompt) of each probe, teacher-forced: it moves while exact answers are all wrong."""
+    device = model.wte.weight.device
+    out = []
+    for p in probes:
+        ids = torch.tensor([p.prompt + p.answer_ids], device=device)
+        h = model.hidden(ids)[:, -len(p.answer_ids) - 1:-1]
+        out.append(token_logprobs(model.logits(h), ids[:, -len(p.answer_ids):]).sum().item())
+    return out
+
+
 def retrieval_grid(model: GPT, tok, task: str, lengths, depths=DEPTHS, n: int = 10, split: str = "test", seed: int = 0,
                    haystacks: Haystacks | None = None, batch_size: int = 16, prefill_chunk: int = 0,
-                   progress=None) -> dict[str, dict[str, float | None]]:
-    """{length: {depth: accuracy over n probes}}; a length past the model's window, or too short to hold a probe's
-    intro, fact and question, is None (not run)."""
+                   progress=None, metric: str = "accuracy") -> dict[str, dict[str, float | None]]:
+    """{length: {depth: accuracy over n probes}} (metric "logprob": the right answer's mean log-probability); a
+    length past the model's window, or too short to hold a probe's intro, fact and question, is None (not run)."""
     grid: dict[str, dict[str, float | None]] = {}
     for length in lengths:
         try:
@@ -162,7 +176,7 @@ def retrieval_grid(model: GPT, tok, task: str, lengths, depths=DEPTHS, n: int = 
         except ProbeDoesNotFit:
             grid[str(length)] = {depth_key(d): None for d in depths}
             continue
-        right = answer_probes(model, tok, probes, batch_size, prefill_chunk)
+        right = answer_probes(model, tok, probes, batch_size, prefill_chunk) if metric == "accuracy" else answer_logprobs(model, probes)
         grid[str(length)] = {depth_key(d): sum(right[j * n:(j + 1) * n]) / n for j, d in enumerate(depths)}
         if progress is not None:
             progress(task, length, grid[str(length)])

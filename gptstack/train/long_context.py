@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from ..checkpoint import load_model
 from ..data.loader import TokenSampler, build_sampler
 from ..evals.lm import windows_loss
-from ..model import token_logprobs
 from ..errors import GptstackError
-from ..evals.long_context import TASKS, Haystacks, answer_probes, make_probe, shortest_probe
+from ..evals.long_context import TASKS, Haystacks, answer_logprobs, answer_probes, make_probe, shortest_probe
 from .trainer import TrainConfig, Trainer
 
 
@@ -75,17 +74,12 @@ class LongContextObjective:
         out = {"val_loss": loss}
         was_training = model.training
         model.eval()
-        device = model.wte.weight.device
         for task in TASKS:
             probes = [make_probe(task, self.tok, self.sampler.seq_len, d / 4, "dev", i, self.seed, self.haystacks)
                       for d in range(5) for i in range(self.dev_probes)]
             right = answer_probes(model, self.tok, probes)
             out[f"dev_{task}"] = sum(right) / len(right)
-            logprobs = []
-            for p in probes:  # the right answer's log-probability: moves while exact answers are still all wrong
-                ids = torch.tensor([p.prompt + p.answer_ids], device=device)
-                h = model.hidden(ids)[:, -len(p.answer_ids) - 1:-1]
-                logprobs.append(token_logprobs(model.logits(h), ids[:, -len(p.answer_ids):]).sum().item())
+            logprobs = answer_logprobs(model, probes)
             out[f"dev_{task}_logprob"] = sum(logprobs) / len(logprobs)
         out["dev_retrieval"] = (out["dev_passkey"] + out["dev_needle"]) / 2
         out["dev_answer_logprob"] = (out["dev_passkey_logprob"] + out["dev_needle_logprob"]) / 2
