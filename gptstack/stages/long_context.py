@@ -146,4 +146,4 @@ def headline(s: dict) -> str | None:
 
 STAGE = Stage("long_context", run, "extend the window 4x, fine-tune at the new length, passkey/needle retrieval grid",
               config=LongContextConfig, depends=("data", "tokenizer", "model", "pretrain"), report=markdown,
-              default=False, named_only=True, headline=headline)
+              default=False, named_only=True, headline=headline, measured=True)
