@@ -171,6 +171,39 @@ def cmd_import(args):
           f"{info['vocab_size']} tokens, chat template: {info['chat_template']} (turns end with {info['stop']})")
 
 
+def cmd_extend(args):
+    import dataclasses
+    import shutil
+    from .checkpoint import find_tokenizer, load_model, save_state_dict
+    from .data.sources import iter_documents
+    from .evals.long_context import Haystacks
+    from .extend import extend
+    from .tokenizer import TEMPLATE_FILE, Tokenizer
+    from .train.long_context import finetune_at_length
+    model = load_model(args.model, "auto")
+    longer = extend(model, args.ctx, args.method)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = find_tokenizer(args.model)
+    for f in (tok_path, tok_path.parent / TEMPLATE_FILE):  # the model folder stays self-contained
+        if f.is_file():
+            shutil.copyfile(f, out / f.name)
+    if args.steps:
+        cfg = _resolve(args)
+        tok = Tokenizer.load(tok_path)
+        haystacks = Haystacks.from_documents(tok, (d for s in cfg.data.sources for d in iter_documents(s)), cfg.data.val_fraction)
+        lc = cfg.long_context
+        train = dataclasses.replace(lc.train, steps=args.steps)
+        longer, _ = finetune_at_length(longer, tok, cfg.data, haystacks, args.ctx, train, out, lc.retrieval_fraction,
+                                       lc.dev_probes, "extend")
+    else:
+        save_state_dict(longer.state_dict(), out / "model.safetensors", longer.metadata())
+    s = longer.cfg.rope_scaling
+    how = f", rope_scaling {s.type} x{s.factor:g} of {s.original_ctx}" if s.type != "none" else ""
+    print(f"{out}: window {model.cfg.n_ctx} -> {longer.cfg.n_ctx} tokens by {args.method}{how}"
+          + (f", fine-tuned {args.steps} steps" if args.steps else ""))
+
+
 def cmd_export(args):
     from .convert import export_model
     print(f"{export_model(args.model, args.to, args.out, args.dtype)}: written ({args.to})")
@@ -272,6 +305,35 @@ def cmd_eval_calibration(args):
     if args.plot:
         plot_reliability(by_format(results), Path(args.plot))
     print(json.dumps(results, indent=1))
+
+
+def cmd_eval_long_context(args):
+    from .checkpoint import find_tokenizer, load_model
+    from .data.sources import iter_documents
+    from .evals.long_context import TASKS, Haystacks, heat_map, retrieval_grid
+    from .tokenizer import Tokenizer
+    model = load_model(args.model, "auto")
+    tok = Tokenizer.load(find_tokenizer(args.model))
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        depths = [float(x) / 100 for x in args.depths.split(",")]
+    except ValueError:
+        raise GptstackError(f"--lengths '{args.lengths}' / --depths '{args.depths}': expected comma-separated numbers") from None
+    tasks = args.task.split(",")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise GptstackError(f"--task: unknown {', '.join(unknown)} (known: {', '.join(TASKS)})")
+    haystacks = None
+    if "needle" in tasks:
+        cfg = _resolve(args)
+        haystacks = Haystacks.from_documents(tok, (d for s in cfg.data.sources for d in iter_documents(s)), cfg.data.val_fraction)
+    grids = {t: retrieval_grid(model, tok, t, lengths, depths, args.probes, "test", prefill_chunk=args.prefill_chunk,
+                               haystacks=haystacks, metric=args.metric,
+                               progress=lambda t, L, row: print(f"{t} {L}: {row}", file=sys.stderr))
+             for t in tasks}
+    if args.plot and args.metric == "accuracy":
+        heat_map(grids, Path(args.plot), f"{args.model}: retrieval accuracy (test probes)")
+    print(json.dumps(grids, indent=1))
 
 
 def cmd_tokenizer(args):
@@ -464,6 +526,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plot", help="write the reliability diagrams here (PNG)")
     e.set_defaults(func=cmd_eval_calibration)
 
+    e = esub.add_parser("long-context", help="passkey and needle retrieval over prompt lengths x depths (test probes)",
+                        epilog="The needle's haystacks are held-out documents of the data sources (--data, default: the "
+                               "stdlib corpus). A length past the model's window is not run (null). See "
+                               "gptstack/evals/long_context.py.\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--model", required=True, help="RUN/STAGE or model folder")
+    e.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, e.g. 256,512,1024")
+    e.add_argument("--depths", default="0,25,50,75,100", help="comma-separated depths of the fact, in percent")
+    e.add_argument("--task", default="passkey,needle", help="passkey, needle or both (default: both)")
+    e.add_argument("--probes", type=number(int, 1), default=10, help="test probes per cell (default: 10)")
+    e.add_argument("--prefill-chunk", type=number(int, 0), default=2048, help="prompt tokens per prefill forward (0: at once)")
+    e.add_argument("--metric", choices=["accuracy", "logprob"], default="accuracy",
+                   help="accuracy: greedy answers right; logprob: the right answer's mean log-probability (no heat map)")
+    e.add_argument("--plot", help="write the heat map here (PNG; accuracy)")
+    _add_config_args(e)
+    e.set_defaults(func=cmd_eval_long_context)
+
     p = sub.add_parser("tokenizer", help="train / use a byte-level BPE tokenizer")
     tsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     t = tsub.add_parser("train", help="train on data sources")
@@ -501,6 +579,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="a Hugging Face model folder (config.json, *.safetensors, tokenizer.json) or a .gguf file")
     p.add_argument("--out", required=True, help="the model folder to write (model.safetensors, tokenizer.json, chat_template.json)")
     p.set_defaults(func=cmd_import)
+    from .extend import LEARNED_METHODS, ROPE_METHODS
+    p = sub.add_parser("extend", help="a longer context window for a trained model (position interpolation, RoPE scaling)",
+                       epilog="learned positions: interpolate (rows resampled so new position j reads old j·T/T') or tile "
+                              "(rows copied end to end). rotary: linear, ntk, yarn (saved as model.rope_scaling, applied at "
+                              "inference without fine-tuning) or none (longer window, positions unscaled). --steps N then "
+                              "fine-tunes N steps at the new length on corpus windows mixed with passkey/needle examples "
+                              "(settings: long_context.train.*, long_context.retrieval_fraction; the checkpoint kept is "
+                              "the best on dev probes: the right answer's mean log-probability).\n\n" + EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="RUN/STAGE or model folder")
+    p.add_argument("--ctx", required=True, type=number(int, 1), help="the new window, in tokens")
+    p.add_argument("--method", required=True, choices=[*LEARNED_METHODS, *ROPE_METHODS], help="how positions are extended")
+    p.add_argument("--out", required=True, help="the model folder to write")
+    p.add_argument("--steps", type=number(int, 0), default=0, help="fine-tuning steps at the new length (default 0: none)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_extend)
     p = sub.add_parser("export", help="a gptstack model folder as a Hugging Face folder or a GGUF file")
     p.add_argument("model", help="RUN/STAGE or model folder")
     p.add_argument("--to", required=True, choices=["hf", "gguf"], help="hf: a folder transformers loads; gguf: a file llama.cpp reads")

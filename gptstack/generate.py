@@ -85,13 +85,16 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 class Engine:
     """Continuous batching: `admit` sequences into free slots between steps, `step` until none is `busy`.
-    The model should be in eval mode. `decode` turns token ids into text, for stop strings."""
+    The model should be in eval mode. `decode` turns token ids into text, for stop strings. `prefill_chunk`: prompts
+    are prefilled this many tokens at a time (0: at once), for memory linear in the prompt's length."""
 
-    def __init__(self, model: GPT, slots: int, pad_id: int = 0, decode: Callable[[list[int]], str] | None = None):
+    def __init__(self, model: GPT, slots: int, pad_id: int = 0, decode: Callable[[list[int]], str] | None = None,
+                 prefill_chunk: int = 0):
         from torch.distributed.tensor import DTensor
         if isinstance(model.wte.weight, DTensor):
             raise ValueError("the model is FSDP-sharded: sample inside train.distributed.whole_weights(the sharded root)")
         self.model, self.slots, self.pad_id, self.decode = model, slots, pad_id, decode
+        self.prefill_chunk = prefill_chunk  # prompt tokens per prefill forward (0: the whole prompt at once)
         self.device = model.wte.weight.device
         self.running: list[Sequence | None] = [None] * slots
         self.steps = 0  # batched decode steps run so far
@@ -142,15 +145,22 @@ class Engine:
         ragged = pad_to > 0 or any(len(s.prompt) != P for s in seqs)
         self.masked = self.masked or ragged or self.rows > 0
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        mask = None
-        if ragged:  # causal and not padding; a pad query sees itself so no softmax row is empty
-            causal = torch.ones(P, P, dtype=torch.bool, device=self.device).tril()
-            mask = (causal & valid[:, None, None, :]) | torch.eye(P, dtype=torch.bool, device=self.device)
         prefill = KVCache(self.model.cfg, B, P)
         # the newcomers' images in reading order (row by row), as the splice fills the placeholders
         shown = [s.images for s in seqs if s.images is not None and len(s.images)]
         images = torch.cat(shown).to(self.device) if shown else None
-        h = self.model.hidden(ids, cache=prefill, positions=positions, attn_mask=mask, images=images)
+        # chunked prefill: queries [start, end) at a time against the cache so far, so the activations and the
+        # attention mask grow with chunk x length instead of length^2 (a 32k-token prompt fits on a CPU); prompts
+        # with images are prefilled whole, so that the splice sees every placeholder with its image
+        chunk = P if images is not None else self.prefill_chunk or P
+        for start in range(0, P, chunk):
+            end = min(P, start + chunk)
+            mask = None
+            if ragged:  # causal and not padding; a pad query sees itself so no softmax row is empty
+                query, key = torch.arange(start, end, device=self.device)[:, None], torch.arange(end, device=self.device)
+                mask = ((key <= query) & valid[:, None, None, :end]) | (key == query)
+            h = self.model.hidden(ids[:, start:end], cache=prefill, positions=positions[:, start:end], attn_mask=mask,
+                                  images=images)
         logits = self.model.logits(h[:, -1]).float()
 
         clock, extent = self.cache.len, max(s.max_new_tokens for s in seqs)
@@ -279,12 +289,13 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
              seed: int | list[int] | None = None, stop_strings: tuple[str, ...] = (),
              decode: Callable[[list[int]], str] | None = None,
              on_token: Callable[[int, int], None] | None = None, pad_to: int = 0,
-             images: list[torch.Tensor | None] | None = None) -> list[Generation]:
+             images: list[torch.Tensor | None] | None = None, prefill_chunk: int = 0) -> list[Generation]:
     """Every prompt answered by an engine of their own, all admitted at once. `seed`: row i's random numbers come
     from `row_seed(seed, i)`, or from `seed[i]` given one seed per row (None: fresh ones). `pad_to`: left-pad every
     prompt to at least this many tokens, through the attention mask whatever the batch, so a row computes alike in
     any batch padded to the same length (`generate_all`). `on_token(row, token)` streams. `images[i]`: prompt i's
-    images (N, 3, S, S) for its <|image|> placeholders, or None."""
+    images (N, 3, S, S) for its <|image|> placeholders, or None. `prefill_chunk`: the prompts are prefilled this
+    many tokens at a time (0: at once; long prompts: memory linear in their length)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     B, P = len(prompts), max(pad_to, *(len(p) for p in prompts))
@@ -306,7 +317,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     was_training = model.training
     model.eval()
     try:
-        engine = Engine(model, B, pad_id, decode)
+        engine = Engine(model, B, pad_id, decode, prefill_chunk)
         engine.admit(seqs, pad_to)
         while engine.busy:
             engine.step()

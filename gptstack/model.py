@@ -73,6 +73,32 @@ class VisionConfig:
 
 
 @dataclass
+class RopeScaling:
+    """Rotary positions stretched past the window a model was trained on (`gptstack extend`); applied at inference
+    too, so a model read with this setting runs longer prompts without fine-tuning.
+
+    linear: positions divided by `factor` (position interpolation, Chen et al. 2023).
+    ntk: the base raised to base · factor^(d / (d - 2)) ("NTK-aware" scaling: high frequencies kept, low ones
+         interpolated).
+    yarn: each frequency pair interpolated by how many turns it makes in `original_ctx` tokens (fewer than
+          `beta_slow`: divided by `factor`; more than `beta_fast`: kept; a linear ramp between), and the
+          attention logits scaled by (0.1·ln(factor) + 1)^2 (Peng et al. 2023, sqrt(1/t) = 0.1·ln(s) + 1)."""
+    type: Literal["none", "linear", "ntk", "yarn"] = "none"
+    factor: float = 1.0
+    original_ctx: int = 0  # the window the model was trained on (yarn's turn counts use it)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def problems(self):
+        if not self.factor >= 1.0:
+            yield "factor", f"must be >= 1, got {self.factor}"
+        if self.type == "yarn" and self.original_ctx < 1:
+            yield "original_ctx", "yarn needs the trained window (original_ctx >= 1)"
+        if not 0 < self.beta_slow < self.beta_fast:
+            yield "beta_slow", f"must satisfy 0 < beta_slow < beta_fast, got {self.beta_slow}, {self.beta_fast}"
+
+
+@dataclass
 class ModelConfig:
     n_layer: int = 4
     n_head: int = 4
@@ -89,6 +115,7 @@ class ModelConfig:
     mlp_hidden: int = 0  # the MLP's inner width (0: 4 · n_embd)
     positions: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     n_kv_head: int = 0  # key/value heads (0: n_head; fewer is grouped-query attention)
     tie_embeddings: bool = True  # the output matrix is We^T
     vision: VisionConfig = field(default_factory=VisionConfig)  # image input (GPT-4): the encoder and projector
@@ -151,13 +178,45 @@ class KVCache:
         return view
 
 
-def rotary(positions: torch.Tensor, head_dim: int, base: float, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None, device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequency of each pair, attention factor): pair i turns by base^(-2i/head_dim) per position, as
+    `scaling` changes it; the factor multiplies cos and sin, so q·k is scaled by its square (YaRN's temperature)."""
+    kind = scaling.type if scaling is not None and scaling.factor != 1.0 else "none"
+    if kind == "ntk":
+        base = ntk_base(base, head_dim, scaling.factor)
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if kind == "linear":
+        return inv_freq / scaling.factor, 1.0
+    if kind == "yarn":
+        # the pair index at which a frequency makes `turns` turns in original_ctx tokens (HF's find_correction_dim)
+        def pair(turns):
+            return head_dim * math.log(scaling.original_ctx / (turns * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(pair(scaling.beta_fast)), 0)
+        high = min(math.ceil(pair(scaling.beta_slow)), head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2, device=device, dtype=torch.float32) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        # ramp 0: fast pairs kept as trained (extrapolated); ramp 1: slow pairs interpolated
+        return inv_freq * (1 - ramp) + inv_freq / scaling.factor * ramp, yarn_attention_factor(scaling.factor)
+    return inv_freq, 1.0
+
+
+def ntk_base(base: float, head_dim: int, factor: float) -> float:
+    """NTK-aware scaling's base: base · factor^(d / (d - 2)), so the lowest frequency is interpolated by `factor`."""
+    return base * factor ** (head_dim / (head_dim - 2))
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's sqrt(1/t) = 0.1·ln(s) + 1, applied to q and k alike (1 when s <= 1)."""
+    return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rotary(positions: torch.Tensor, head_dim: int, base: float, dtype, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of each position's angles, (T, head_dim) or (B, T, head_dim): pair i of a head turns by
-    position · base^(-2i/head_dim), the two halves of the head being the pair's two coordinates (Llama's layout)."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    position · base^(-2i/head_dim) (as `scaling` changes it), the two halves of the head being the pair's two
+    coordinates (Llama's layout)."""
+    inv_freq, attention_factor = rope_frequencies(head_dim, base, scaling, positions.device)
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * attention_factor).to(dtype), (angles.sin() * attention_factor).to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -365,14 +424,15 @@ class GPT(nn.Module):
         start = cache.len if cache is not None else 0
         if positions is None:
             if start + T > self.cfg.n_ctx:
-                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.n_ctx}")
+                raise ValueError(f"sequence of {start + T} tokens exceeds the context of {self.cfg.n_ctx} "
+                                 "(`gptstack extend` makes a longer window)")
             positions = torch.arange(start, start + T, device=idx.device)
         x = self.input_embeddings(idx, images) if images is not None or start == 0 else self.wte(idx)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:
-            rope = rotary(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype)
+            rope = rotary(positions, self.cfg.head_dim, self.cfg.rope_base, x.dtype, self.cfg.rope_scaling)
         x = self.drop(x)
         recompute = self.grad_checkpoint and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):

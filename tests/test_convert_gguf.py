@@ -11,7 +11,7 @@ import torch
 
 from gptstack.convert.gguf import read_gguf, shipped_smollm2, write_gguf
 from gptstack.errors import GptstackError
-from gptstack.model import GPT, ModelConfig
+from gptstack.model import GPT, ModelConfig, ntk_base
 from gptstack.tokenizer import Tokenizer
 
 try:
@@ -254,6 +254,22 @@ def test_round_trip(shape, dtype, tok, tmp_path):
     if dtype == "f32":
         ids = torch.tensor([tok.encode(text)])
         assert torch.equal(back.model(ids)[0], model(ids)[0])
+
+
+@pytest.mark.parametrize("method", ["linear", "yarn", "ntk"])
+def test_round_trip_keeps_rope_scaling(method, tok, tmp_path):
+    """llama.rope.scaling.* carry linear and YaRN scaling; NTK-aware scaling travels as its larger base."""
+    from gptstack.extend import extend
+    model = extend(random_model(LLAMA, tok.vocab_size), 4 * LLAMA["n_ctx"], method)
+    write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    back = read_gguf(tmp_path / "m.gguf").model
+    if method == "ntk":
+        assert back.cfg.rope_scaling.type == "none" and back.cfg.rope_base == pytest.approx(ntk_base(5e4, 16, 4.0), rel=1e-6)
+    else:
+        assert back.cfg.rope_scaling == model.cfg.rope_scaling
+    ids = torch.arange(100)[None] % tok.vocab_size  # past the trained window of 32
+    with torch.no_grad():
+        assert (back(ids)[0] - model(ids)[0]).abs().max() < 1e-4
 
 
 def test_round_trip_keeps_the_chat_template_and_special_tokens(tok, tmp_path):

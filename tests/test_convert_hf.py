@@ -161,3 +161,31 @@ def test_export_names_the_switch_hugging_face_lacks(bpe, tmp_path):
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, n_ctx=8, vocab_size=VOCAB, positions="rope"))  # LayerNorm
     with pytest.raises(GptstackError, match="norm='layernorm'.*LlamaForCausalLM"):
         write_hf(model, SimpleNamespace(hf=bpe), tmp_path / "out")
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 4.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}],
+                         ids=["linear", "yarn"])
+def test_rope_scaling_imports_with_transformers_logits_and_exports_back(llama, tmp_path, rope):
+    folder = copy(llama[1], tmp_path)
+    edit_config(folder, rope_parameters={"rope_theta": 10000.0, **rope})
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    imp = read_hf(folder)
+    s = imp.model.cfg.rope_scaling
+    assert (s.type, s.factor) == (rope["rope_type"], 4.0)
+    diff = max_diff(theirs, imp.model)
+    assert diff < 1e-4, diff
+    roundtrip(imp, tmp_path)
+
+
+def test_ntk_scaling_exports_as_the_larger_base(llama, tmp_path):
+    from gptstack.extend import extend
+    from gptstack.model import ntk_base
+    imp = read_hf(llama[1])
+    longer = extend(imp.model, 4 * imp.model.cfg.n_ctx, "ntk")
+    template = SimpleNamespace(jinja=imp.chat_template, bos=imp.bos, eos=imp.eos)
+    write_hf(longer, SimpleNamespace(hf=imp.tokenizer, template=template), tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.rope_parameters["rope_theta"] == pytest.approx(ntk_base(10000.0, 16, 4.0))
+    diff = max_diff(back, longer)
+    assert diff < 1e-5, diff

@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import GptstackError
-from ..model import GPT, ModelConfig
+from ..model import GPT, ModelConfig, RopeScaling, ntk_base
 from .imported import Imported, assemble, stacked_rows
 
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -129,6 +129,14 @@ def read_gguf(path: Path) -> Imported:
         cfg.rope_base = _float32(meta("llama.rope.freq_base", 10000.0))  # llama.cpp's default
         if meta("llama.rope.dimension_count", cfg.head_dim) != cfg.head_dim:
             raise GptstackError(f"{path}: llama.rope.dimension_count: rotary on part of a head is not supported")
+        kind = meta("llama.rope.scaling.type", "none")
+        if kind not in ("none", "linear", "yarn"):
+            raise GptstackError(f"{path}: llama.rope.scaling.type {kind!r} is not one gptstack has (none, linear, yarn)")
+        factor = _float32(meta("llama.rope.scaling.factor", 1.0))
+        if kind != "none" and factor != 1.0:
+            cfg.rope_scaling = RopeScaling(kind, factor, int(meta("llama.rope.scaling.original_context_length", cfg.n_ctx / factor)),
+                                           _float32(meta("llama.rope.scaling.yarn_beta_fast", 32.0)),
+                                           _float32(meta("llama.rope.scaling.yarn_beta_slow", 1.0)))
     problem = next(cfg.problems(), None)
     if problem is not None:
         raise GptstackError(f"{path}: the metadata gives an impossible model: {problem[0]} {problem[1]}")
@@ -224,8 +232,17 @@ def write_gguf(model: GPT, tokenizer, out: Path, dtype: str = "f16") -> None:
         w.add_uint32(f"{arch}.{key}", values.get(field, getattr(cfg, field)))
     w.add_float32(f"{arch}.{ARCHS[arch][1]}", cfg.norm_eps)
     if arch == "llama":
-        w.add_rope_freq_base(cfg.rope_base)
+        s = cfg.rope_scaling
+        ntk = s.type == "ntk" and s.factor != 1.0  # NTK-aware scaling is a larger base, which llama.cpp reads as such
+        w.add_rope_freq_base(ntk_base(cfg.rope_base, cfg.head_dim, s.factor) if ntk else cfg.rope_base)
         w.add_rope_dimension_count(cfg.head_dim)
+        if s.type in ("linear", "yarn") and s.factor != 1.0:
+            w.add_rope_scaling_type(gguf.RopeScalingType(s.type))
+            w.add_rope_scaling_factor(s.factor)
+            w.add_rope_scaling_orig_ctx_len(s.original_ctx)
+            if s.type == "yarn":
+                w.add_rope_scaling_yarn_beta_fast(s.beta_fast)
+                w.add_rope_scaling_yarn_beta_slow(s.beta_slow)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)

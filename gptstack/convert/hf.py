@@ -22,7 +22,7 @@ from ..checkpoint import save_state_dict
 from ..config import from_dict
 from ..errors import GptstackError
 from ..io import atomic_write_json, atomic_write_text, read_json
-from ..model import GPT, ModelConfig
+from ..model import GPT, ModelConfig, ntk_base
 from .imported import Imported, assemble, stacked_rows
 
 # gptstack module: Hugging Face module(s), under "transformer." / "model." (lm_head sits at the top). A module's
@@ -142,14 +142,23 @@ def llama_config(c: dict, path: Path) -> dict:
     # transformers 5 writes rope_parameters (theta inside); 4.x wrote rope_theta and rope_scaling beside it
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise GptstackError(f"{path}: rope type '{rope_type}' (scaled rotary frequencies) is not one gptstack has; "
-                            "it rotates by the plain frequencies only")
+    if rope_type not in ("default", "linear", "yarn"):
+        raise GptstackError(f"{path}: rope type '{rope_type}' is not one gptstack has (default, linear, yarn)")
+    if any(rope.get(k) is not None for k in ("attention_factor", "mscale", "mscale_all_dim", "partial_rotary_factor")):
+        raise GptstackError(f"{path}: rope_parameters: attention_factor / mscale / partial_rotary_factor are not "
+                            "supported (YaRN's own 0.1·ln(factor) + 1 only)")
     d, heads = need(c, "hidden_size", path), need(c, "num_attention_heads", path)
     if c.get("head_dim") not in (None, d // heads):
         raise GptstackError(f"{path}: head_dim {c['head_dim']} is not hidden_size / num_attention_heads ({d // heads})")
+    n_ctx = need(c, "max_position_embeddings", path)
+    scaling = {}
+    if rope_type != "default":  # HF's yarn counts turns in original_max_position_embeddings, else in the whole window
+        factor = float(need(rope, "factor", path))
+        scaling = {"type": rope_type, "factor": factor,
+                   "original_ctx": int(rope.get("original_max_position_embeddings") or (n_ctx if rope_type == "yarn" else n_ctx / factor)),
+                   "beta_fast": float(rope.get("beta_fast") or 32.0), "beta_slow": float(rope.get("beta_slow") or 1.0)}
     return dict(n_layer=need(c, "num_hidden_layers", path), n_head=heads, n_kv_head=c.get("num_key_value_heads") or heads,
-                n_embd=d, n_ctx=need(c, "max_position_embeddings", path), vocab_size=need(c, "vocab_size", path),
+                n_embd=d, n_ctx=n_ctx, vocab_size=need(c, "vocab_size", path), rope_scaling=scaling,
                 norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), mlp="swiglu",
                 mlp_hidden=need(c, "intermediate_size", path), positions="rope",
                 rope_base=rope.get("rope_theta", c.get("rope_theta", 10000.0)), bias=False,
@@ -253,10 +262,19 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
                 "vocab_size": cfg.vocab_size, "activation_function": "gelu_new" if cfg.mlp == "gelu_tanh" else "gelu",
                 "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
                 "attn_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "resid_pdrop": cfg.dropout, "dtype": dtype}
+    s = cfg.rope_scaling
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if s.type == "ntk" and s.factor != 1:  # NTK-aware scaling is a larger base, which every reader understands
+        rope["rope_theta"] = ntk_base(cfg.rope_base, cfg.head_dim, s.factor)
+    elif s.type in ("linear", "yarn") and s.factor != 1:
+        rope |= {"rope_type": s.type, "factor": s.factor}
+        if s.type == "yarn":
+            rope |= {"original_max_position_embeddings": s.original_ctx, "beta_fast": s.beta_fast, "beta_slow": s.beta_slow}
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": cfg.n_layer,
             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "hidden_size": cfg.n_embd,
             "head_dim": cfg.head_dim, "intermediate_size": cfg.hidden_width, "max_position_embeddings": cfg.n_ctx,
             "vocab_size": cfg.vocab_size, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            # both spellings: transformers 5 reads rope_parameters, 4.x rope_theta
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base}, "rope_theta": cfg.rope_base,
+            # both spellings: transformers 5 reads rope_parameters, 4.x rope_theta and rope_scaling
+            "rope_parameters": rope, "rope_theta": rope["rope_theta"], 
+            "rope_scaling": {**rope, "type": rope["rope_type"]} if rope["rope_type"] != "default" else None,
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype}
