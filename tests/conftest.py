@@ -164,3 +164,11 @@ def slowed(model, seconds: float):
         return forward(*args, **kwargs)
     model.hidden = hidden
     return model
+
+
+def multiple_choice_task(folder: Path, name: str = "mc") -> Path:
+    """A user's multiple-choice task (8 questions, 3 options) as a task YAML beside its data: folder/NAME.yaml."""
+    rows = [{"context": f"the cat {w}", "choices": ["sat", "ran", "slept"], "label": i % 3} for i, w in enumerate("abcdefgh")]
+    (folder / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / f"{name}.yaml").write_text("kind: multiple_choice\ndata: qa.jsonl\ntemplate: '{context}'\n")
+    return folder / f"{name}.yaml"

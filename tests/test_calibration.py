@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conftest import run_cli
+from conftest import multiple_choice_task, run_cli
 from gptstack.checkpoint import load_model
 from gptstack.cli import main
 from gptstack.errors import GptstackError
@@ -59,16 +59,9 @@ def test_bad_inputs_are_clear_errors():
         reliability([1.5], [True])
 
 
-def _mc_task(tmp_path):
-    rows = [{"context": f"the cat {w}", "choices": ["sat", "ran", "slept"], "label": i % 3} for i, w in enumerate("abcdefgh")]
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "mc.yaml").write_text("kind: multiple_choice\ndata: qa.jsonl\ntemplate: '{context}'\n")
-    return tmp_path / "mc.yaml"
-
-
 def test_calibration_accuracy_is_the_prompting_evals(random_model_dir, tmp_path):
     model, tok = load_model(random_model_dir), Tokenizer.load(random_model_dir)
-    task = _mc_task(tmp_path)
+    task = multiple_choice_task(tmp_path)
     r = calibrate(model, tok, {"mc": task}, shots=2, bins=5)
     ours = evaluate_task(model, tok, *load_task(task), shots=2)
     assert r["accuracy"] == pytest.approx(ours["acc"]) and r["n"] == ours["n"] == 8
@@ -76,7 +69,7 @@ def test_calibration_accuracy_is_the_prompting_evals(random_model_dir, tmp_path)
 
 
 def test_the_lettered_format_lists_the_options_and_answers_with_one_letter(random_model_dir, tmp_path):
-    path = lettered(_mc_task(tmp_path), tmp_path / "out")
+    path = lettered(multiple_choice_task(tmp_path), tmp_path / "out")
     task, data, pool = load_task(path)
     assert data[1] == {"context": "the cat b\nA. sat\nB. ran\nC. slept\nAnswer:", "choices": ["A", "B", "C"], "label": 1}
     assert task.target_delimiter == " " and len(pool) == 8
@@ -86,7 +79,7 @@ def test_the_lettered_format_lists_the_options_and_answers_with_one_letter(rando
 
 
 def test_cli_compares_models_and_draws_the_diagram(random_model_dir, tmp_path, capsys):
-    task = _mc_task(tmp_path)
+    task = multiple_choice_task(tmp_path)
     proc = run_cli("eval", "calibration", "--model", random_model_dir, "--model", random_model_dir, "--task", task,
                    "--plot", tmp_path / "cal.png")
     assert proc.returncode == 0, proc.stderr

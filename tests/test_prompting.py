@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import multiple_choice_task, run_cli
 from gptstack.checkpoint import load_model
 from gptstack.errors import GptstackError
 from gptstack.evals.prompting import (PromptTask, build_prompt, evaluate_task, load_task, loglikelihood,
@@ -80,15 +80,8 @@ def test_the_query_is_never_its_own_example(model, tok):
     assert r["n"] == 3 and 0 <= r["acc"] <= 1 and 0 <= r["acc_norm"] <= 1
 
 
-def _user_task(tmp_path):
-    rows = [{"context": f"the cat {w}", "choices": ["sat", "ran", "slept"], "label": i % 3} for i, w in enumerate("abcdefgh")]
-    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "mytask.yaml").write_text("kind: multiple_choice\ndata: qa.jsonl\ntemplate: '{context}'\n")
-    return tmp_path / "mytask.yaml"
-
-
 def test_a_users_task_runs_from_the_cli(random_model_dir, tmp_path):
-    task = _user_task(tmp_path)
+    task = multiple_choice_task(tmp_path, "mytask")
     proc = run_cli("eval", "prompting", "--model", random_model_dir, "--task", task, "--shots", "0,2", "--plot", tmp_path / "s.png")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
@@ -113,7 +106,7 @@ def test_lm_eval_harness_scores_a_local_task_as_we_do(random_model_dir, tmp_path
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
     from gptstack.evals.harness import GptstackLM
-    task_yaml = _user_task(tmp_path)
+    task_yaml = multiple_choice_task(tmp_path, "mytask")
     (tmp_path / "harness").mkdir()
     (tmp_path / "harness" / "local_mc.yaml").write_text(
         "task: gptstack_local_mc\ndataset_path: json\n"
