@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from itertools import accumulate
 from typing import Literal
 
 from fastapi.responses import JSONResponse
@@ -259,7 +260,7 @@ def chat_logprobs(tok, g: Generation, start: int, end: int) -> dict:
 def completion_logprobs(tok, g: Generation, start: int, end: int) -> dict:
     """The legacy completions form; `text_offset`: where each token's text starts in the answer."""
     pieces = [tok.decode([t]) for t in g.tokens[:end]]
-    offsets = [sum(map(len, pieces[:j])) for j in range(start, end)]
+    offsets = list(accumulate(map(len, pieces[:end - 1]), initial=0))[start:end]  # one pass, not a sum per token
     pieces = pieces[start:]
     top = [{tok.decode([t]): lp for t, lp in g.top_logprobs[j]} for j in range(start, end)] if g.top_logprobs else None
     return {"tokens": pieces, "token_logprobs": g.logprobs[start:end], "top_logprobs": top, "text_offset": offsets}
